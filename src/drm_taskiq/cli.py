@@ -1,0 +1,234 @@
+"""The ``drm-taskiq`` command: migrations, tenants, run history, enqueueing and job status.
+
+Exit status: 0 on success, 1 when a service fails or a job is not found, 2 on bad input or
+settings (the message goes to stderr as ``error: ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from drm_taskiq import store
+from drm_taskiq.errors import DrmTaskiqError, InvalidInputError, SettingsError
+from drm_taskiq.logs import configure_logging
+from drm_taskiq.settings import Settings, load_settings
+
+RUN_COLUMNS = ("executed_at", "tenant", "plugin", "hook_name", "status", "attempt", "error")
+ERROR_WIDTH = 60
+MAX_LIMIT = 10_000
+
+_RUNS_QUERY = """
+SELECT executed_at, tenant_id AS tenant, plugin_id AS plugin, hook_name, status,
+       result->>'attemptsMade' AS attempt, error
+FROM plugin_runs
+WHERE ($1::text IS NULL OR tenant_id = $1) AND ($2::text IS NULL OR plugin_id = $2)
+ORDER BY executed_at DESC
+LIMIT $3
+"""
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_LIMIT}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``drm-taskiq`` and its subcommands."""
+    parser = argparse.ArgumentParser(prog="drm-taskiq", description="drm-taskiq job system tools")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("migrate", help="apply the database migrations not yet applied")
+
+    tenant = commands.add_parser("tenant", help="manage tenants")
+    tenant_commands = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
+    add = tenant_commands.add_parser("add", help="create a tenant and enable plugins for it")
+    add.add_argument("tenant_id", metavar="TENANT_ID")
+    add.add_argument("--name", default="", help="display name")
+    add.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help="plugin ids to enable",
+    )
+    add.add_argument("--config", help="JSON object: the config of every plugin given")
+
+    runs = commands.add_parser("runs", help="print the plugin_runs history, newest last")
+    runs.add_argument("--tenant")
+    runs.add_argument("--plugin")
+    runs.add_argument("--limit", type=_limit, default=50, help="rows (default 50)")
+
+    enqueue = commands.add_parser("enqueue", help="enqueue a one-off job; prints its id")
+    enqueue.add_argument("plugin", metavar="PLUGIN")
+    enqueue.add_argument("job", metavar="JOB")
+    enqueue.add_argument("--tenant", required=True)
+    enqueue.add_argument("--data", help="JSON payload")
+    enqueue.add_argument("--priority", type=int, help="0 (highest) .. 2**21")
+    enqueue.add_argument("--delay", type=int, metavar="MS", help="milliseconds before it may run")
+    enqueue.add_argument("--job-id", help="caller-chosen id (deduplicates)")
+
+    status = commands.add_parser("status", help="print a job's status as JSON")
+    status.add_argument("plugin", metavar="PLUGIN")
+    status.add_argument("job", metavar="JOB")
+    status.add_argument("job_id", metavar="JOB_ID")
+    return parser
+
+
+def parse_json(text: str | None, option: str) -> Any:
+    """The JSON value of a command-line option (None when absent); InvalidInputError if bad."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(option, f"must be valid JSON ({exc})") from None
+
+
+def enqueue_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The job options given on the command line, or None when there are none."""
+    options = {
+        key: value
+        for key, value in (
+            ("priority", args.priority),
+            ("delay", args.delay),
+            ("job_id", args.job_id),
+        )
+        if value is not None
+    }
+    return options or None
+
+
+def tenant_plugins(args: argparse.Namespace) -> dict[str, Any]:
+    """Plugin id -> config for ``tenant add``; ``--config`` applies to every ``--plugin``."""
+    config = parse_json(args.config, "--config")
+    if config is not None and not isinstance(config, dict):
+        raise InvalidInputError("--config", "must be a JSON object")
+    if config is not None and not args.plugins:
+        raise InvalidInputError("--config", "needs at least one --plugin to apply to")
+    return {plugin_id: dict(config or {}) for plugin_id in args.plugins}
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="milliseconds")
+    text = " ".join(str(value).split())  # one line: tracebacks and messages may hold newlines
+    if column == "error" and len(text) > ERROR_WIDTH:
+        return text[: ERROR_WIDTH - 1] + "…"
+    return text
+
+
+def format_runs(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``plugin_runs`` rows as a text table with aligned columns (the last one is not padded)."""
+    if not rows:
+        return "(no runs)"
+    table = [list(RUN_COLUMNS)] + [[_cell(c, row.get(c)) for c in RUN_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(RUN_COLUMNS) - 1)]
+    lines = []
+    for line in table:
+        padded = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
+        lines.append("  ".join([*padded, line[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+async def _migrate(settings: Settings, _: argparse.Namespace) -> int:
+    applied = await store.migrate(settings)
+    print("\n".join(applied) if applied else "nothing to apply")
+    return 0
+
+
+async def _tenant_add(settings: Settings, args: argparse.Namespace) -> int:
+    plugins = tenant_plugins(args)
+    pool = await store.create_pool(settings, max_size=1)
+    try:
+        await store.ensure_tenant(pool, args.tenant_id, name=args.name, plugins=plugins)
+    finally:
+        await pool.close()
+    print(f"tenant {args.tenant_id}: plugins {', '.join(plugins) or '(none)'}")
+    return 0
+
+
+async def _runs(settings: Settings, args: argparse.Namespace) -> int:
+    pool = await store.create_pool(settings, max_size=1)
+    try:
+        rows = await pool.fetch(_RUNS_QUERY, args.tenant, args.plugin, args.limit)
+    finally:
+        await pool.close()
+    print(format_runs([dict(row) for row in reversed(rows)]))
+    return 0
+
+
+async def _enqueue(_: Settings, args: argparse.Namespace) -> int:
+    data = parse_json(args.data, "--data")
+    options = enqueue_options(args)
+    from drm_taskiq.jobs import get_scheduler  # noqa: PLC0415  (builds the broker: only here)
+
+    scheduler = get_scheduler()
+    await scheduler.start()
+    try:
+        job_id = await scheduler.add_job(
+            args.plugin, args.job, data, options, tenant_id=args.tenant
+        )
+    finally:
+        await scheduler.close()
+    print(job_id)
+    return 0
+
+
+async def _status(_: Settings, args: argparse.Namespace) -> int:
+    from drm_taskiq.jobs import get_scheduler  # noqa: PLC0415  (builds the broker: only here)
+
+    scheduler = get_scheduler()
+    await scheduler.start()
+    try:
+        status = await scheduler.get_job_status(args.plugin, args.job, args.job_id)
+    finally:
+        await scheduler.close()
+    if status is None:
+        print(f"error: no job {args.job_id!r} for {args.plugin}:{args.job}", file=sys.stderr)
+        return 1
+    print(json.dumps(dataclasses.asdict(status), default=str, indent=2))
+    return 0
+
+
+_COMMANDS = {
+    "migrate": _migrate,
+    "tenant": _tenant_add,
+    "runs": _runs,
+    "enqueue": _enqueue,
+    "status": _status,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``drm-taskiq``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_format, settings.log_level)
+        return asyncio.run(_COMMANDS[args.command](settings, args))
+    except (SettingsError, InvalidInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (DrmTaskiqError, OSError, asyncpg.PostgresError, RedisError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The context a plugin's code receives: its ids, a tenant-scoped database, the scheduler, logs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+
+from drm_taskiq.hooks import HookRegistry
+from drm_taskiq.options import check_id
+
+if TYPE_CHECKING:
+    from drm_taskiq.jobs import JobScheduler, TenantScheduler
+
+
+class TenantDatabase:
+    """Database access for one tenant: each call runs in a transaction with
+    ``app.tenant_id`` set to the tenant (the hook row-level security policies use)."""
+
+    def __init__(self, pool: asyncpg.Pool, tenant_id: str) -> None:
+        self._pool = pool
+        self.tenant_id = tenant_id
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection inside a transaction scoped to the tenant."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", self.tenant_id)
+            yield conn
+
+    async def execute(self, query: str, *args: Any) -> str:
+        """Run a statement; returns its status."""
+        async with self.connection() as conn:
+            return str(await conn.execute(query, *args))
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Run a query; returns all rows."""
+        async with self.connection() as conn:
+            return list(await conn.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        """Run a query; returns the first row or None."""
+        async with self.connection() as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """Run a query; returns the first column of the first row."""
+        async with self.connection() as conn:
+            return await conn.fetchval(query, *args)
+
+
+class PluginLogger:
+    """The specification's logger: ``info(message, meta)`` and ``error(message, error, meta)``."""
+
+    def __init__(self, plugin_id: str, tenant_id: str, **bound: Any) -> None:
+        self._log = structlog.get_logger().bind(plugin_id=plugin_id, tenant_id=tenant_id, **bound)
+
+    def info(self, message: str, meta: dict[str, Any] | None = None) -> None:
+        """Log an informational event."""
+        self._log.info("plugin_log", message=message, **(meta or {}))
+
+    def error(
+        self, message: str, error: BaseException | None = None, meta: dict[str, Any] | None = None
+    ) -> None:
+        """Log an error event, with the exception when given."""
+        self._log.error(
+            "plugin_log",
+            message=message,
+            error=repr(error) if error is not None else None,
+            **(meta or {}),
+        )
+
+    def bind(self, **values: Any) -> PluginLogger:
+        """A logger with more fields bound."""
+        child = PluginLogger.__new__(PluginLogger)
+        child._log = self._log.bind(**values)
+        return child
+
+
+@dataclass
+class PluginContext:
+    """What a plugin's ``on_load``, ``on_unload`` and job handlers receive."""
+
+    plugin_id: str
+    tenant_id: str
+    db: TenantDatabase
+    scheduler: TenantScheduler
+    hooks: HookRegistry
+    logger: PluginLogger
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def create_plugin_context(
+    plugin_id: str,
+    tenant_id: str,
+    *,
+    scheduler: JobScheduler | None = None,
+    config: dict[str, Any] | None = None,
+) -> PluginContext:
+    """Build the context of ``plugin_id`` for ``tenant_id``.
+
+    Without ``scheduler``, the process-wide one (``get_scheduler()``) is used; it must be
+    started, since the context's database handle uses its pool.
+    """
+    check_id(plugin_id, "plugin_id")
+    check_id(tenant_id, "tenant_id")
+    if scheduler is None:
+        from drm_taskiq.jobs import get_scheduler  # noqa: PLC0415  (process-wide default)
+
+        scheduler = get_scheduler()
+    return PluginContext(
+        plugin_id=plugin_id,
+        tenant_id=tenant_id,
+        db=TenantDatabase(scheduler.pool, tenant_id),
+        scheduler=scheduler.for_tenant(tenant_id),
+        hooks=scheduler.hooks,
+        logger=PluginLogger(plugin_id, tenant_id),
+        config=dict(config or {}),
+    )

@@ -1,0 +1,410 @@
+"""``JobScheduler``: the specification's API for plugin jobs (register, remove, add, status)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+from taskiq import Context, TaskiqDepends
+
+from drm_taskiq import store
+from drm_taskiq.context import PluginContext, create_plugin_context
+from drm_taskiq.errors import DrmTaskiqError, InvalidInputError, UnknownJobError
+from drm_taskiq.hooks import HookRegistry
+from drm_taskiq.options import (
+    LABEL_DEDUP,
+    JobOptions,
+    JobStatus,
+    check_id,
+    check_job_id,
+    ms_to_datetime,
+    task_name,
+)
+from drm_taskiq.plugins import Plugin, discover_plugins
+from drm_taskiq.redis_queue import RedisQueue
+
+if TYPE_CHECKING:
+    from drm_taskiq.queue_broker import DrmBroker
+
+log = structlog.get_logger()
+
+JobHandler = Callable[[PluginContext, "Job"], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class Job:
+    """The job a handler runs: its id, name, data and attempts made before this one."""
+
+    id: str
+    name: str
+    data: Any
+    attempts_made: int
+    timestamp: datetime | None
+    tenant_id: str
+    _queue: RedisQueue
+
+    async def update_progress(self, progress: Any) -> None:
+        """Record progress (any JSON value); visible through ``get_job_status``."""
+        await self._queue.set_progress(self.id, progress)
+
+
+@dataclass(frozen=True, slots=True)
+class JobDefinition:
+    """A registered job."""
+
+    plugin_id: str
+    job_name: str
+    handler: JobHandler
+    options: JobOptions
+
+
+def _schedule_id(tenant_id: str, plugin_id: str, job_name: str) -> str:
+    return f"{tenant_id}:{plugin_id}:{job_name}"
+
+
+class JobScheduler:
+    """Registers plugin jobs as taskiq tasks and enqueues, inspects and schedules them."""
+
+    def __init__(self, broker: DrmBroker, *, plugins: list[Plugin] | None = None) -> None:
+        self.broker = broker
+        self.hooks = HookRegistry()
+        self.jobs: dict[tuple[str, str], JobDefinition] = {}
+        self._plugins = plugins
+        self.loaded_plugins: dict[str, Plugin] = {}
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The PostgreSQL pool (the scheduler must be started)."""
+        if self.broker.pool is None:
+            raise DrmTaskiqError("the scheduler is not started: await scheduler.start() first")
+        return self.broker.pool
+
+    @property
+    def settings(self) -> Any:
+        return self.broker.settings
+
+    async def start(self) -> None:
+        """Start the broker (migrations, connections); plugins are loaded by its start-up."""
+        await self.broker.startup()
+
+    async def close(self) -> None:
+        """Close every connection."""
+        await self.broker.shutdown()
+
+    def for_tenant(self, tenant_id: str) -> TenantScheduler:
+        """This scheduler, bound to one tenant."""
+        return TenantScheduler(self, check_id(tenant_id, "tenant_id"))
+
+    # ------------------------------------------------------------------ plugins
+    async def load_plugins(self) -> list[Plugin]:
+        """Discover plugins and call ``on_load`` once per tenant that has each enabled."""
+        settings = self.broker.settings
+        plugins = self._plugins
+        if plugins is None:
+            plugins = discover_plugins(settings.plugins, use_entry_points=settings.entry_points)
+        for plugin in plugins:
+            self.loaded_plugins[plugin.id] = plugin
+            tenants = await store.fetch_enabled_tenants(self.pool, plugin.id)
+            for tenant_id in tenants:
+                await self._call_hook(plugin, tenant_id, "on_load")
+            log.info("plugin_loaded", plugin_id=plugin.id, version=plugin.version, tenants=len(tenants))
+        return plugins
+
+    async def unload_plugin(self, plugin_id: str, tenant_id: str) -> None:
+        """Call the plugin's ``on_unload`` for one tenant and remove its schedules there."""
+        plugin = self.loaded_plugins.get(plugin_id)
+        if plugin is not None:
+            await self._call_hook(plugin, tenant_id, "on_unload")
+        await self.pool.execute(
+            "DELETE FROM schedules WHERE tenant_id = $1 AND plugin_id = $2", tenant_id, plugin_id
+        )
+
+    async def _call_hook(self, plugin: Plugin, tenant_id: str, hook: str) -> None:
+        function = plugin.on_load if hook == "on_load" else plugin.on_unload
+        if function is None:
+            return
+        config = await self.pool.fetchval(
+            "SELECT config FROM tenant_plugins WHERE tenant_id = $1 AND plugin_id = $2",
+            tenant_id,
+            plugin.id,
+        )
+        ctx = create_plugin_context(
+            plugin.id, tenant_id, scheduler=self, config=json.loads(config) if config else {}
+        )
+        try:
+            await function(ctx)
+        except Exception as exc:
+            log.error(f"plugin_{hook}_failed", plugin_id=plugin.id, tenant_id=tenant_id, error=repr(exc))
+
+    # ------------------------------------------------------------------ registration
+    async def register_job(
+        self,
+        plugin_id: str,
+        job_name: str,
+        handler: JobHandler,
+        options: JobOptions | Mapping[str, Any] | None = None,
+        *,
+        tenant_id: str | None = None,
+    ) -> None:
+        """Register ``handler`` as task ``plugin:{plugin_id}:{job_name}``; with ``cron``, also
+        upsert the tenant's schedule (a cron job needs a tenant)."""
+        check_id(plugin_id, "plugin_id")
+        check_id(job_name, "job_name")
+        opts = JobOptions.coerce(options)
+        if not inspect.iscoroutinefunction(handler):
+            raise InvalidInputError(
+                "handler",
+                "must be an async function (async def handler(ctx, job)); synchronous handlers"
+                " cannot be interrupted by the timeout",
+            )
+        self._check_limits(opts)
+        if opts.cron is not None and tenant_id is None:
+            raise InvalidInputError("tenant_id", "a cron job needs a tenant (use ctx.scheduler)")
+        name = task_name(plugin_id, job_name)
+        self.jobs[(plugin_id, job_name)] = JobDefinition(plugin_id, job_name, handler, opts)
+        self.broker.register_task(
+            self._task_function(plugin_id, job_name),
+            task_name=name,
+            **opts.model_copy(update={"delay": 0}).labels(self.settings.default_timeout_ms),
+        )
+        if opts.cron is not None and tenant_id is not None:
+            check_id(tenant_id, "tenant_id")
+            await self.pool.execute(
+                "INSERT INTO schedules (schedule_id, tenant_id, plugin_id, job_name, cron, tz, options)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)"
+                " ON CONFLICT (tenant_id, plugin_id, job_name) DO UPDATE SET cron = EXCLUDED.cron,"
+                " tz = EXCLUDED.tz, options = EXCLUDED.options, updated_at = NOW()",
+                _schedule_id(tenant_id, plugin_id, job_name),
+                tenant_id,
+                plugin_id,
+                job_name,
+                opts.cron,
+                opts.tz,
+                opts.model_dump_json(exclude={"cron", "tz", "job_id", "delay"}),
+            )
+            log.info("schedule_registered", plugin_id=plugin_id, tenant_id=tenant_id, job_name=job_name, cron=opts.cron)
+
+    def _check_limits(self, opts: JobOptions) -> None:
+        settings = self.settings
+        if opts.attempts > settings.max_attempts:
+            raise InvalidInputError("options.attempts", f"must be at most {settings.max_attempts}")
+        if opts.timeout is not None and opts.timeout > settings.max_timeout_ms:
+            raise InvalidInputError("options.timeout", f"must be at most {settings.max_timeout_ms} ms")
+
+    async def remove_job(
+        self, plugin_id: str, job_name: str, *, tenant_id: str | None = None
+    ) -> None:
+        """Remove the tenant's schedule of this job; without a tenant, unregister the job."""
+        check_id(plugin_id, "plugin_id")
+        check_id(job_name, "job_name")
+        if tenant_id is not None:
+            await self.pool.execute(
+                "DELETE FROM schedules WHERE tenant_id = $1 AND plugin_id = $2 AND job_name = $3",
+                tenant_id,
+                plugin_id,
+                job_name,
+            )
+            return
+        await self.pool.execute(
+            "DELETE FROM schedules WHERE plugin_id = $1 AND job_name = $2", plugin_id, job_name
+        )
+        self.jobs.pop((plugin_id, job_name), None)
+        self.broker.local_task_registry.pop(task_name(plugin_id, job_name), None)
+
+    def _task_function(self, plugin_id: str, job_name: str) -> Callable[..., Awaitable[Any]]:
+        scheduler = self
+
+        async def run_plugin_job(
+            data: Any = None,
+            tenant_id: str = "",
+            context: Context = TaskiqDepends(),
+        ) -> Any:
+            definition = scheduler.jobs.get((plugin_id, job_name))
+            if definition is None:
+                raise UnknownJobError("job_name", f"{plugin_id}/{job_name} is not registered here")
+            job_id = context.message.task_id
+            delivery = scheduler.broker.delivery(job_id)
+            job = Job(
+                id=job_id,
+                name=job_name,
+                data=data,
+                attempts_made=delivery.attempts_made if delivery else 0,
+                timestamp=ms_to_datetime(delivery.created_ms) if delivery else None,
+                tenant_id=tenant_id,
+                _queue=scheduler.broker.queue,
+            )
+            ctx = create_plugin_context(plugin_id, tenant_id, scheduler=scheduler)
+            ctx.logger = ctx.logger.bind(job_id=job_id, attempt=job.attempts_made + 1)
+            return await definition.handler(ctx, job)
+
+        run_plugin_job.__name__ = f"plugin_{plugin_id}_{job_name}".replace("-", "_").replace(".", "_")
+        return run_plugin_job
+
+    # ------------------------------------------------------------------ enqueueing
+    async def add_job(
+        self,
+        plugin_id: str,
+        job_name: str,
+        data: Any = None,
+        options: JobOptions | Mapping[str, Any] | None = None,
+        *,
+        tenant_id: str,
+    ) -> str:
+        """Enqueue a one-off run of a registered job; returns the job id.
+
+        With ``options.job_id``, a second call with the same id returns it and enqueues nothing.
+        """
+        check_id(plugin_id, "plugin_id")
+        check_id(job_name, "job_name")
+        check_id(tenant_id, "tenant_id")
+        task = self.broker.find_task(task_name(plugin_id, job_name))
+        if task is None:
+            raise UnknownJobError(
+                "job_name", f"no job {job_name!r} registered for plugin {plugin_id!r}"
+            )
+        opts = JobOptions.coerce(options)
+        self._check_limits(opts)
+        if opts.cron is not None:
+            raise InvalidInputError("options.cron", "add_job runs once; use register_job for cron")
+        job_id = opts.job_id or uuid.uuid4().hex
+        definition = self.jobs.get((plugin_id, job_name))
+        base = definition.options if definition is not None else JobOptions()
+        labels = base.merged(opts).labels(self.settings.default_timeout_ms)
+        if opts.job_id is not None:
+            labels[LABEL_DEDUP] = 1
+        await task.kicker().with_task_id(job_id).with_labels(**labels).kiq(data, tenant_id=tenant_id)
+        return job_id
+
+    # ------------------------------------------------------------------ state
+    async def get_job_status(
+        self, plugin_id: str, job_name: str, job_id: str, *, tenant_id: str | None = None
+    ) -> JobStatus | None:
+        """The job's state, or None for an unknown id (or one of another plugin or tenant)."""
+        check_id(plugin_id, "plugin_id")
+        check_id(job_name, "job_name")
+        check_job_id(job_id)
+        raw = await self.broker.queue.job(job_id)
+        if raw is not None:
+            if raw.get("plugin") != plugin_id or raw.get("job") != job_name:
+                return None
+            if tenant_id is not None and raw.get("tenant") != tenant_id:
+                return None
+            return _status_from_hash(job_id, raw)
+        row = await self.pool.fetchrow(
+            "SELECT * FROM jobs WHERE job_id = $1 AND plugin_id = $2 AND job_name = $3"
+            " AND ($4::text IS NULL OR tenant_id = $4)",
+            job_id,
+            plugin_id,
+            job_name,
+            tenant_id,
+        )
+        if row is None:
+            return None
+        return JobStatus(
+            id=job_id,
+            state=row["state"],
+            attempts_made=row["attempts_made"],
+            progress=_loads(row["progress"]),
+            returnvalue=_loads(row["returnvalue"]),
+            failed_reason=row["failed_reason"],
+            finished_on=row["finished_at"],
+            plugin_id=row["plugin_id"],
+            tenant_id=row["tenant_id"],
+            job_name=row["job_name"],
+        )
+
+
+def _loads(value: str | None) -> Any:
+    if value is None or value == "":
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _status_from_hash(job_id: str, raw: dict[str, str]) -> JobStatus:
+    state = raw.get("state", "waiting")
+    return JobStatus(
+        id=job_id,
+        state=state,  # type: ignore[arg-type]
+        attempts_made=int(raw.get("attempts", 0)),
+        progress=_loads(raw.get("progress")),
+        returnvalue=_loads(raw.get("rv")) if state == "completed" else None,
+        failed_reason=raw.get("reason") or None,
+        finished_on=ms_to_datetime(raw.get("finished")),
+        plugin_id=raw.get("plugin"),
+        tenant_id=raw.get("tenant"),
+        job_name=raw.get("job"),
+        delayed_until=ms_to_datetime(raw.get("due")) if state == "delayed" else None,
+    )
+
+
+class TenantScheduler:
+    """A :class:`JobScheduler` bound to one tenant: what ``ctx.scheduler`` is."""
+
+    def __init__(self, scheduler: JobScheduler, tenant_id: str) -> None:
+        self.scheduler = scheduler
+        self.tenant_id = tenant_id
+
+    async def register_job(
+        self,
+        plugin_id: str,
+        job_name: str,
+        handler: JobHandler,
+        options: JobOptions | Mapping[str, Any] | None = None,
+    ) -> None:
+        """Register a job; a cron job is scheduled for this tenant."""
+        await self.scheduler.register_job(
+            plugin_id, job_name, handler, options, tenant_id=self.tenant_id
+        )
+
+    async def remove_job(self, plugin_id: str, job_name: str) -> None:
+        """Remove this tenant's schedule of the job."""
+        await self.scheduler.remove_job(plugin_id, job_name, tenant_id=self.tenant_id)
+
+    async def add_job(
+        self,
+        plugin_id: str,
+        job_name: str,
+        data: Any = None,
+        options: JobOptions | Mapping[str, Any] | None = None,
+    ) -> str:
+        """Enqueue a run of the job for this tenant."""
+        return await self.scheduler.add_job(
+            plugin_id, job_name, data, options, tenant_id=self.tenant_id
+        )
+
+    async def get_job_status(self, plugin_id: str, job_name: str, job_id: str) -> JobStatus | None:
+        """The state of one of this tenant's jobs (None for other tenants' jobs)."""
+        return await self.scheduler.get_job_status(
+            plugin_id, job_name, job_id, tenant_id=self.tenant_id
+        )
+
+
+_global: JobScheduler | None = None
+
+
+def get_scheduler() -> JobScheduler:
+    """The process-wide scheduler, bound to ``drm_taskiq.broker:broker``."""
+    global _global  # noqa: PLW0603  (the specification's process-wide instance)
+    if _global is None:
+        from drm_taskiq.broker import scheduler  # noqa: PLC0415  (built at import there)
+
+        _global = scheduler
+    return _global
+
+
+async def close_scheduler() -> None:
+    """Close the process-wide scheduler's connections."""
+    global _global  # noqa: PLW0603
+    if _global is not None:
+        await _global.close()
+        _global = None

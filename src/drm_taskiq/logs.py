@@ -1,0 +1,53 @@
+"""structlog set-up for drm-taskiq processes. Library code only calls ``structlog.get_logger()``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+
+def _drop_secrets(_: Any, __: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    from drm_taskiq.settings import mask_url  # noqa: PLC0415  (logs sits below settings' users)
+
+    for key, value in list(event_dict.items()):
+        if isinstance(value, str) and "://" in value and "@" in value:
+            event_dict[key] = mask_url(value)
+    return event_dict
+
+
+def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
+    """Configure structlog and the standard library to write one event per line to stderr."""
+    renderer: structlog.typing.Processor
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_secrets,
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        ),
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,30 @@
+-- Add a job. Atomic: the job hash, its place in wait or delayed, and the wake-up marker.
+-- KEYS: 1 job hash, 2 wait zset, 3 delayed zset, 4 seq counter, 5 marker list, 6 dedup key
+-- ARGV: 1 job id, 2 now (ms), 3 delay (ms), 4 priority, 5 dedup ttl (ms, 0 = none),
+--       6.. field/value pairs stored in the job hash
+-- Returns {1, "waiting"|"delayed"} for a new job, {0, state} when the id already exists.
+local state = redis.call('HGET', KEYS[1], 'state')
+if state then return {0, state} end
+local dedup_ttl = tonumber(ARGV[5])
+if dedup_ttl > 0 then
+  if not redis.call('SET', KEYS[6], '1', 'NX', 'PX', dedup_ttl) then return {0, 'finished'} end
+end
+local seq = redis.call('INCR', KEYS[4]) % 4294967296
+local now = tonumber(ARGV[2])
+local delay = tonumber(ARGV[3])
+local pri = tonumber(ARGV[4])
+local fields = {}
+for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'seq', seq, 'ts', now, 'attempts', 0, 'stalled', 0, 'pri', pri, unpack(fields))
+if delay > 0 then
+  redis.call('HSET', KEYS[1], 'state', 'delayed', 'due', now + delay)
+  redis.call('ZADD', KEYS[3], now + delay, ARGV[1])
+  redis.call('LPUSH', KEYS[5], '0')
+  redis.call('LTRIM', KEYS[5], 0, 999)
+  return {1, 'delayed'}
+end
+redis.call('HSET', KEYS[1], 'state', 'waiting')
+redis.call('ZADD', KEYS[2], pri * 4294967296 + seq, ARGV[1])
+redis.call('LPUSH', KEYS[5], '1')
+redis.call('LTRIM', KEYS[5], 0, 999)
+return {1, 'waiting'}

@@ -1,0 +1,44 @@
+-- Settle one attempt of a leased job. Only the lease holder (same token, still active) may.
+-- KEYS: 1 job hash, 2 active, 3 wait, 4 delayed, 5 ledger stream, 6 marker, 7 dead list
+-- ARGV: 1 id, 2 token, 3 outcome (completed|retry|failed|requeue|dead), 4 now (ms),
+--       5 value (returnvalue JSON for completed, reason otherwise), 6 due (ms, retry only),
+--       7 extra metadata JSON (merged into the ledger entry)
+-- Returns 1 when settled, 0 when the lease was lost.
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 0 end
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+local outcome = ARGV[3]
+local now = tonumber(ARGV[4])
+redis.call('HDEL', KEYS[1], 'token')
+if outcome == 'requeue' then
+  local f = redis.call('HMGET', KEYS[1], 'pri', 'seq')
+  redis.call('HSET', KEYS[1], 'state', 'waiting')
+  redis.call('ZADD', KEYS[3], tonumber(f[1]) * 4294967296 + tonumber(f[2]), ARGV[1])
+  redis.call('LPUSH', KEYS[6], '1')
+  redis.call('LTRIM', KEYS[6], 0, 999)
+  return 1
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local status = 'error'
+local final = 1
+if outcome == 'completed' then
+  status = 'success'
+  redis.call('HSET', KEYS[1], 'state', 'completed', 'rv', ARGV[5], 'finished', ARGV[4])
+elseif outcome == 'retry' then
+  final = 0
+  redis.call('HSET', KEYS[1], 'state', 'delayed', 'reason', ARGV[5], 'due', ARGV[6])
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[6]), ARGV[1])
+  redis.call('LPUSH', KEYS[6], '0')
+  redis.call('LTRIM', KEYS[6], 0, 999)
+else
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[5], 'finished', ARGV[4])
+  if outcome == 'dead' then redis.call('RPUSH', KEYS[7], ARGV[1]) end
+end
+local f = redis.call('HMGET', KEYS[1], 'plugin', 'tenant', 'job', 'ts', 'processed', 'progress')
+local entry = {
+  id = ARGV[1], plugin = f[1], tenant = f[2], job = f[3], ts = f[4],
+  started = f[5], at = ARGV[4], attempt = attempts, status = status,
+  state = redis.call('HGET', KEYS[1], 'state'), final = final, outcome = outcome,
+  value = ARGV[5], progress = f[6], extra = ARGV[7]
+}
+redis.call('XADD', KEYS[5], '*', 'e', cjson.encode(entry))
+return 1

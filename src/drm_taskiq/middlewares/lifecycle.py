@@ -1,0 +1,136 @@
+"""The job lifecycle in a worker: structlog events, and the outcome of each attempt.
+
+``post_execute`` decides what happens to the attempt (complete, retry later, fail) with the pure
+policy in :mod:`drm_taskiq.retry`; the broker applies the decision atomically when taskiq
+acknowledges the message (after the result is saved).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from taskiq import TaskiqMessage, TaskiqMiddleware, TaskiqResult
+
+from drm_taskiq.errors import JobTimeoutError
+from drm_taskiq.options import (
+    LABEL_JOB,
+    LABEL_PLUGIN,
+    LABEL_PRIORITY,
+    LABEL_TENANT,
+    LABEL_TIMEOUT,
+    RetryOptions,
+)
+from drm_taskiq.redis_queue import Outcome
+from drm_taskiq.retry import decide, describe
+
+if TYPE_CHECKING:
+    from drm_taskiq.queue_broker import DrmBroker
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class PendingOutcome:
+    """The decision for one attempt, applied by the broker when the message is acknowledged."""
+
+    outcome: Outcome
+    value: str = ""
+    due_ms: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _identity(message: TaskiqMessage) -> dict[str, Any]:
+    labels = message.labels
+    return {
+        "job_id": message.task_id,
+        "task": message.task_name,
+        "plugin_id": labels.get(LABEL_PLUGIN),
+        "tenant_id": labels.get(LABEL_TENANT),
+    }
+
+
+def _returnvalue(value: Any) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, default=str)
+    except (TypeError, ValueError):
+        return json.dumps(repr(value))
+
+
+class LifecycleMiddleware(TaskiqMiddleware):
+    """Logs every step of a job and decides the outcome of each attempt."""
+
+    def __init__(self, unrecoverable: tuple[type[BaseException], ...] = ()) -> None:
+        super().__init__()
+        self.unrecoverable = unrecoverable
+
+    @property
+    def drm_broker(self) -> DrmBroker:
+        return self.broker  # type: ignore[return-value]
+
+    def post_send(self, message: TaskiqMessage) -> None:
+        """Log ``job_enqueued``."""
+        log.info(
+            "job_enqueued",
+            **_identity(message),
+            job_name=message.labels.get(LABEL_JOB),
+            priority=message.labels.get(LABEL_PRIORITY),
+        )
+
+    def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
+        """Bind the job's identity to the log context and log ``job_started``."""
+        delivery = self.drm_broker.delivery(message.task_id)
+        attempt = (delivery.attempts_made if delivery else 0) + 1
+        structlog.contextvars.bind_contextvars(**_identity(message), attempt=attempt)
+        self.drm_broker.mark_started(message.task_id)
+        log.info("job_started", stalled=delivery.stalled if delivery else 0)
+        return message
+
+    def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
+        """Decide complete / retry / fail, log it, and hand the decision to the broker."""
+        broker = self.drm_broker
+        delivery = broker.delivery(message.task_id)
+        attempt = (delivery.attempts_made if delivery else 0) + 1
+        duration_ms = int(result.execution_time * 1000)
+        try:
+            if not result.is_err:
+                log.info("job_succeeded", duration_ms=duration_ms)
+                broker.set_outcome(
+                    message.task_id,
+                    PendingOutcome("completed", value=_returnvalue(result.return_value)),
+                )
+                return
+            error = result.error or RuntimeError("unknown error")
+            extra: dict[str, Any] = {}
+            if isinstance(error, TimeoutError) and not isinstance(error, JobTimeoutError):
+                timeout_ms = int(float(message.labels.get(LABEL_TIMEOUT, 0)) * 1000)
+                error = JobTimeoutError(f"timed out after {timeout_ms} ms")
+                extra["timedOut"] = True
+                log.warning("job_timed_out", timeout_ms=timeout_ms, duration_ms=duration_ms)
+            reason = describe(error)
+            log.warning("job_failed", error=reason, duration_ms=duration_ms)
+            decision = decide(
+                attempt,
+                error,
+                RetryOptions.from_labels(message.labels),
+                unrecoverable=self.unrecoverable,
+            )
+            if decision.action == "retry":
+                due = int(time.time() * 1000) + decision.delay_ms
+                extra["retryDelayMs"] = decision.delay_ms
+                log.info("job_retry_scheduled", delay_ms=decision.delay_ms, next_attempt=attempt + 1)
+                broker.set_outcome(
+                    message.task_id, PendingOutcome("retry", value=reason, due_ms=due, extra=extra)
+                )
+            else:
+                log.error("job_failed_permanently", error=reason, attempts_made=attempt)
+                broker.set_outcome(
+                    message.task_id, PendingOutcome("failed", value=reason, extra=extra)
+                )
+        finally:
+            structlog.contextvars.unbind_contextvars(
+                "job_id", "task", "plugin_id", "tenant_id", "attempt"
+            )

@@ -1,0 +1,388 @@
+"""The project's taskiq broker: at-least-once, priority-aware, with delays, on Redis.
+
+It is a subclass of taskiq-redis's ListQueueBroker (same URL handling and connection pool), but
+messages live in the structures of :mod:`drm_taskiq.redis_queue`: a priority-ordered wait set, a
+delayed set and an active set of leases. A message is acknowledged (through taskiq's ack) only
+when its outcome, its ledger entry and its result are written in one Lua call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import asyncpg
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from taskiq import AckableMessage, BrokerMessage
+from taskiq_redis import ListQueueBroker
+
+from drm_taskiq import store
+from drm_taskiq.errors import RedisUnavailableError
+from drm_taskiq.logs import configure_logging
+from drm_taskiq.middlewares import LifecycleMiddleware, PendingOutcome, ValidationMiddleware
+from drm_taskiq.middlewares.validation import TenantGate
+from drm_taskiq.options import (
+    LABEL_DEDUP,
+    LABEL_DELAY,
+    LABEL_JOB,
+    LABEL_PLUGIN,
+    LABEL_PRIORITY,
+    LABEL_TENANT,
+    label_int,
+)
+from drm_taskiq.redis_queue import Delivery, RedisQueue, now_ms
+from drm_taskiq.results import JobResultBackend
+from drm_taskiq.runlog import RunLedger
+from drm_taskiq.settings import Settings, mask_url
+
+log = structlog.get_logger()
+
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class DrmBroker(ListQueueBroker):
+    """Leases, acknowledgements, priorities and delays on Redis, run rows in PostgreSQL."""
+
+    def __init__(self, settings: Settings, *, validate_tenants: bool = True) -> None:
+        super().__init__(
+            url=settings.redis_url,
+            queue_name=settings.queue,
+            max_connection_pool_size=max(50, settings.worker_concurrency + 20),
+            timeout=None,
+        )
+        self.settings = settings
+        self.redis = Redis(connection_pool=self.connection_pool)
+        self.queue = RedisQueue(self.redis, settings.key_prefix, settings.queue)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.pool: asyncpg.Pool | None = None
+        self.gate = TenantGate(self._tenant_lookup) if validate_tenants else None
+        self.lifecycle = LifecycleMiddleware()
+        self.add_middlewares(ValidationMiddleware(settings, self.gate), self.lifecycle)
+        self.with_result_backend(JobResultBackend(settings))
+        self.ledger: RunLedger | None = None
+        self._held: dict[str, Delivery] = {}
+        self._started: set[str] = set()
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._outcomes: dict[str, PendingOutcome] = {}
+        self._capacity = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._closing = False
+        self._background: list[asyncio.Task[None]] = []
+        self._started_up = False
+        self._take_counter = 0
+
+    # ----------------------------------------------------------------- life cycle
+    async def startup(self) -> None:
+        """Connect to PostgreSQL (migrating if configured), start worker loops, run events."""
+        if self._started_up:
+            return
+        if self.is_worker_process:
+            configure_logging(self.settings.log_format, self.settings.log_level)
+        self._stop = asyncio.Event()
+        self._capacity = asyncio.Event()
+        if self.settings.migrate_on_start:
+            await store.migrate(self.settings)
+        self.pool = await store.create_pool(self.settings, max_size=10)
+        await self.redis.ping()
+        self._started_up = True
+        if self.is_worker_process:
+            self.ledger = RunLedger(
+                self.queue,
+                self.pool,
+                consumer=self.worker_id,
+                batch=self.settings.ledger_batch,
+                block_ms=self.settings.ledger_flush_ms,
+                retention_ms=self.settings.retention_s * 1000,
+            )
+            self._background = [
+                asyncio.create_task(self._renew_leases(), name="drm-renew-leases"),
+                asyncio.create_task(self._check_stalled(), name="drm-stalled-check"),
+                asyncio.create_task(self.ledger.run(self._stop), name="drm-ledger"),
+            ]
+            self._install_shutdown_signals()
+            log.info(
+                "worker_started",
+                worker_id=self.worker_id,
+                redis=mask_url(self.settings.redis_url),
+                database=mask_url(self.settings.database_url),
+                concurrency=self.settings.worker_concurrency,
+                queue=self.settings.queue,
+            )
+        await super().startup()
+
+    async def shutdown(self) -> None:
+        """Give back jobs not started, flush the run ledger, close connections."""
+        if not self._started_up:
+            return
+        self._closing = True
+        for job_id, delivery in list(self._held.items()):
+            if job_id not in self._started:
+                await self._give_back(delivery)
+        self._stop.set()
+        for task in self._background:
+            if task.get_name() == "drm-ledger":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, timeout=10)
+            else:
+                task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
+        await super().shutdown()
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        await self.redis.aclose()
+        self._started_up = False
+        self._closing = False
+
+    # ----------------------------------------------------------------- sending
+    async def kick(self, message: BrokerMessage) -> None:
+        """Add the message as a job (idempotent when the job id already exists)."""
+        labels = message.labels
+        dedup = str(labels.get(LABEL_DEDUP, "")) in ("1", "True", "true")
+        created, state = await self.queue.enqueue(
+            message.task_id,
+            message.message,
+            priority=label_int(labels, LABEL_PRIORITY),
+            delay_ms=label_int(labels, LABEL_DELAY),
+            dedup_ttl_ms=self.settings.dedup_ttl_s * 1000 if dedup else 0,
+            fields={
+                "name": message.task_name,
+                "plugin": str(labels.get(LABEL_PLUGIN, "")),
+                "job": str(labels.get(LABEL_JOB, "")),
+                "tenant": str(labels.get(LABEL_TENANT, "")),
+            },
+        )
+        if not created:
+            log.info("job_duplicate_ignored", job_id=message.task_id, state=state)
+
+    async def _tenant_lookup(self, tenant_id: str, plugin_id: str) -> bool | None:
+        if self.pool is None:
+            raise RuntimeError("the broker is not started: await broker.startup() first")
+        return await store.tenant_plugin_enabled(self.pool, tenant_id, plugin_id)
+
+    # ----------------------------------------------------------------- receiving
+    def delivery(self, job_id: str) -> Delivery | None:
+        """The lease this worker holds on ``job_id``, if any."""
+        return self._held.get(job_id)
+
+    def mark_started(self, job_id: str) -> None:
+        """Record that the handler of ``job_id`` started (it will not be given back unstarted)."""
+        self._started.add(job_id)
+        task = asyncio.current_task()
+        if task is not None:
+            self._running[job_id] = task
+
+    def set_outcome(self, job_id: str, outcome: PendingOutcome) -> None:
+        """The decision for the current attempt, applied at acknowledgement."""
+        self._outcomes[job_id] = outcome
+
+    async def listen(self) -> AsyncGenerator[bytes | AckableMessage, None]:
+        """Lease jobs while this process has capacity; yield them as ackable messages."""
+        buffer: deque[Delivery] = deque()
+        outage_since: float | None = None
+        failures = 0
+        limit = self.settings.worker_concurrency
+        try:
+            while not self._closing:
+                if not buffer:
+                    free = limit - len(self._held)
+                    if free <= 0:
+                        self._capacity.clear()
+                        await self._capacity.wait()
+                        continue
+                    try:
+                        deliveries, next_due = await self._take(min(free, self.settings.take_batch))
+                        if not deliveries:
+                            await self._idle(next_due)
+                    except _TRANSIENT as exc:
+                        failures += 1
+                        now = time.monotonic()
+                        outage_since = outage_since or now
+                        if now - outage_since > self.settings.redis_outage_limit_s:
+                            log.critical(
+                                "redis_unavailable_giving_up",
+                                seconds=round(now - outage_since, 1),
+                                error=repr(exc),
+                            )
+                            raise RedisUnavailableError(
+                                f"Redis unreachable for {now - outage_since:.0f} s"
+                            ) from exc
+                        if failures == 1 or failures % 10 == 0:
+                            log.warning("redis_unavailable", error=repr(exc), failures=failures)
+                        await asyncio.sleep(min(0.05 * 2**failures, 2.0))
+                        continue
+                    if outage_since is not None:
+                        log.info("redis_reconnected", after_s=round(time.monotonic() - outage_since, 1))
+                    outage_since, failures = None, 0
+                    buffer.extend(deliveries)
+                    continue
+                delivery = buffer.popleft()
+                yield AckableMessage(
+                    data=delivery.message, ack=functools.partial(self._ack, delivery)
+                )
+        finally:
+            while buffer:
+                await asyncio.shield(self._give_back(buffer.popleft()))
+
+    async def _take(self, count: int) -> tuple[list[Delivery], int | None]:
+        self._take_counter += 1
+        token = f"{self.worker_id}:{self._take_counter}"
+        call = asyncio.ensure_future(self.queue.take(token, count, self.settings.lease_ms))
+        try:
+            deliveries, next_due = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                for delivery in (await call)[0]:
+                    self._held[delivery.job_id] = delivery
+                    await self._give_back(delivery)
+            raise
+        for delivery in deliveries:
+            self._held[delivery.job_id] = delivery
+        return deliveries, next_due
+
+    async def _idle(self, next_due: int | None) -> None:
+        timeout = 1.0
+        if next_due is not None:
+            timeout = min(timeout, max((next_due - now_ms()) / 1000, 0.005))
+        if timeout <= 0.01:
+            await asyncio.sleep(timeout)
+            return
+        await self.queue.wait_for_work(timeout)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        """taskiq's acknowledgement: apply the attempt's outcome atomically in Redis."""
+        pending = self._outcomes.pop(delivery.job_id, None)
+        if pending is None:
+            pending = PendingOutcome(
+                "dead", value="message could not be decoded or its task is not registered"
+            )
+            log.error("job_dead_lettered", job_id=delivery.job_id, reason=pending.value)
+        try:
+            settled = await self._finish_with_retry(delivery, pending)
+            if not settled:
+                log.warning("job_lease_lost", job_id=delivery.job_id, outcome=pending.outcome)
+        finally:
+            self._release(delivery.job_id)
+
+    async def _finish_with_retry(self, delivery: Delivery, pending: PendingOutcome) -> bool:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return await self.queue.finish(
+                    delivery,
+                    pending.outcome,
+                    value=pending.value,
+                    due_ms=pending.due_ms,
+                    extra=pending.extra,
+                )
+            except _TRANSIENT as exc:
+                attempt += 1
+                if time.monotonic() - started > self.settings.redis_outage_limit_s:
+                    log.error("job_ack_failed", job_id=delivery.job_id, error=repr(exc))
+                    return False
+                await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+
+    def _release(self, job_id: str) -> None:
+        self._held.pop(job_id, None)
+        self._started.discard(job_id)
+        self._running.pop(job_id, None)
+        self._outcomes.pop(job_id, None)
+        self._capacity.set()
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        """Return a leased job to the waiting list at once (shutdown)."""
+        try:
+            await self.queue.finish(delivery, "requeue")
+            log.info("job_returned_to_queue", job_id=delivery.job_id)
+        except RedisError as exc:
+            log.warning("job_return_failed", job_id=delivery.job_id, error=repr(exc))
+        finally:
+            self._release(delivery.job_id)
+
+    # ----------------------------------------------------------------- background loops
+    async def _renew_leases(self) -> None:
+        interval = self.settings.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            leases = [(job_id, d.token) for job_id, d in list(self._held.items())]
+            try:
+                lost = await self.queue.extend(leases, self.settings.lease_ms)
+            except RedisError as exc:
+                log.warning("lease_renewal_failed", error=repr(exc))
+                continue
+            for job_id in lost:
+                if job_id in self._held:
+                    log.warning("job_lease_lost", job_id=job_id)
+
+    async def _check_stalled(self) -> None:
+        interval = self.settings.stalled_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                result = await self.queue.recover_stalled(
+                    self.worker_id,
+                    self.settings.max_stalled_count,
+                    int(self.settings.stalled_interval_ms * 0.9),
+                )
+            except RedisError as exc:
+                log.warning("stalled_check_failed", error=repr(exc))
+                continue
+            if result is None:
+                continue
+            requeued, failed = result
+            for job_id in requeued:
+                log.warning("job_stalled", job_id=job_id, action="requeued")
+            for job_id in failed:
+                log.error("job_stalled", job_id=job_id, action="failed")
+
+    # ----------------------------------------------------------------- shutdown grace
+    def _install_shutdown_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(signum)
+
+            def handler(num: int, frame: Any, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self._begin_shutdown)
+                if callable(previous):
+                    previous(num, frame)
+
+            signal.signal(signum, handler)
+
+    def _begin_shutdown(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._capacity.set()
+        log.info(
+            "worker_stopping",
+            running=len(self._started),
+            grace_s=self.settings.shutdown_grace_s,
+        )
+        asyncio.get_running_loop().call_later(
+            self.settings.shutdown_grace_s,
+            lambda: asyncio.ensure_future(self._grace_expired()),
+        )
+
+    async def _grace_expired(self) -> None:
+        """Jobs still running after the grace period go back to the queue and are cancelled."""
+        for job_id, delivery in list(self._held.items()):
+            task = self._running.get(job_id)
+            await self._give_back(delivery)
+            if task is not None and not task.done():
+                log.warning("job_interrupted", job_id=job_id)
+                task.cancel()

@@ -1,0 +1,243 @@
+"""One queue's Redis keys and the atomic Lua operations on them (see docs/broker.md).
+
+Every key of a queue starts with ``{prefix:queue}``: the braces are a Redis Cluster hash tag, so
+all of a queue's keys live in one slot and the Lua scripts may touch them together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+Outcome = Literal["completed", "retry", "failed", "requeue", "dead"]
+
+LEDGER_GROUP = "ledger"
+_SCRIPTS = ("enqueue", "take", "finish", "extend", "stalled", "settle")
+
+
+def now_ms() -> int:
+    """Wall-clock time in milliseconds, the unit of every timestamp in Redis."""
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A job leased to this worker by :meth:`RedisQueue.take`."""
+
+    job_id: str
+    message: bytes
+    attempts_made: int
+    stalled: int
+    created_ms: int
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    """The names of one queue's keys."""
+
+    prefix: str
+    queue: str
+
+    @property
+    def base(self) -> str:
+        return f"{{{self.prefix}:{self.queue}}}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.base}:job:{job_id}"
+
+    @property
+    def job_prefix(self) -> str:
+        return f"{self.base}:job:"
+
+    def dedup(self, job_id: str) -> str:
+        return f"{self.base}:dedup:{job_id}"
+
+    @property
+    def wait(self) -> str:
+        return f"{self.base}:wait"
+
+    @property
+    def delayed(self) -> str:
+        return f"{self.base}:delayed"
+
+    @property
+    def active(self) -> str:
+        return f"{self.base}:active"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.base}:seq"
+
+    @property
+    def marker(self) -> str:
+        return f"{self.base}:marker"
+
+    @property
+    def ledger(self) -> str:
+        return f"{self.base}:ledger"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.base}:dead"
+
+    @property
+    def stalled_lock(self) -> str:
+        return f"{self.base}:stalled-check"
+
+
+def _load_scripts(redis: Redis) -> dict[str, AsyncScript]:
+    folder = resources.files("drm_taskiq") / "lua"
+    return {
+        name: redis.register_script((folder / f"{name}.lua").read_text(encoding="utf-8"))
+        for name in _SCRIPTS
+    }
+
+
+class RedisQueue:
+    """The job operations of one queue; each is one round trip to Redis."""
+
+    def __init__(self, redis: Redis, prefix: str, queue: str) -> None:
+        self.redis = redis
+        self.keys = QueueKeys(prefix, queue)
+        self._scripts = _load_scripts(redis)
+
+    async def enqueue(
+        self,
+        job_id: str,
+        message: bytes,
+        *,
+        priority: int,
+        delay_ms: int,
+        dedup_ttl_ms: int,
+        fields: dict[str, str],
+    ) -> tuple[bool, str]:
+        """Add a job; ``(False, state)`` when a job with this id exists (nothing is changed)."""
+        k = self.keys
+        flat: list[str | bytes] = ["msg", message]
+        for key, value in fields.items():
+            flat.extend((key, value))
+        created, state = await self._scripts["enqueue"](
+            keys=[k.job(job_id), k.wait, k.delayed, k.seq, k.marker, k.dedup(job_id)],
+            args=[job_id, now_ms(), delay_ms, priority, dedup_ttl_ms, *flat],
+        )
+        return bool(created), _text(state)
+
+    async def take(self, token: str, count: int, lease_ms: int) -> tuple[list[Delivery], int | None]:
+        """Lease up to ``count`` jobs; also returns when the next delayed job is due (ms)."""
+        k = self.keys
+        raw, next_due = await self._scripts["take"](
+            keys=[k.wait, k.delayed, k.active, k.seq],
+            args=[now_ms(), lease_ms, token, count, k.job_prefix],
+        )
+        deliveries = [
+            Delivery(
+                job_id=_text(raw[i]),
+                message=raw[i + 1],
+                attempts_made=int(raw[i + 2]),
+                stalled=int(raw[i + 3]),
+                created_ms=int(raw[i + 4]),
+                token=token,
+            )
+            for i in range(0, len(raw), 5)
+        ]
+        return deliveries, (int(float(next_due)) if next_due else None)
+
+    async def finish(
+        self,
+        delivery: Delivery,
+        outcome: Outcome,
+        *,
+        value: str = "",
+        due_ms: int = 0,
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """Settle one attempt atomically (state, ledger entry, ack); False if the lease was lost."""
+        k = self.keys
+        settled = await self._scripts["finish"](
+            keys=[k.job(delivery.job_id), k.active, k.wait, k.delayed, k.ledger, k.marker, k.dead],
+            args=[
+                delivery.job_id,
+                delivery.token,
+                outcome,
+                now_ms(),
+                value,
+                due_ms,
+                json.dumps(extra or {}),
+            ],
+        )
+        return bool(settled)
+
+    async def extend(self, leases: list[tuple[str, str]], lease_ms: int) -> list[str]:
+        """Renew leases given as (job id, token); returns the ids whose lease was lost."""
+        if not leases:
+            return []
+        flat = [item for pair in leases for item in pair]
+        lost = await self._scripts["extend"](
+            keys=[self.keys.active],
+            args=[now_ms() + lease_ms, self.keys.job_prefix, *flat],
+        )
+        return [_text(item) for item in lost]
+
+    async def recover_stalled(
+        self, token: str, max_stalled: int, lock_ms: int
+    ) -> tuple[list[str], list[str]] | None:
+        """Requeue or fail jobs whose lease expired; None when another worker holds the check."""
+        k = self.keys
+        raw = await self._scripts["stalled"](
+            keys=[k.active, k.wait, k.stalled_lock, k.ledger, k.marker],
+            args=[now_ms(), max_stalled, token, lock_ms, k.job_prefix],
+        )
+        if raw and raw[0] == -1:
+            return None
+        items = [_text(item) for item in raw]
+        split = items.index("|")
+        return items[:split], items[split + 1 :]
+
+    async def settle_ledger(
+        self, entries: list[tuple[str, str, str]], retention_ms: int
+    ) -> None:
+        """Acknowledge ledger entries (entry id, job id, finished ms or '') after they are stored."""
+        if not entries:
+            return
+        flat = [item for triple in entries for item in triple]
+        await self._scripts["settle"](
+            keys=[self.keys.ledger],
+            args=[LEDGER_GROUP, self.keys.job_prefix, retention_ms, *flat],
+        )
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Block until a job may be ready (a marker arrives) or ``timeout_s`` passes."""
+        await self.redis.blpop([self.keys.marker], timeout=max(timeout_s, 0.01))
+
+    async def job(self, job_id: str) -> dict[str, str] | None:
+        """The job's hash, or None when the job is not (or no longer) in Redis."""
+        raw = await self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            return None
+        return {_text(key): _text(value) for key, value in raw.items() if _text(key) != "msg"}
+
+    async def set_progress(self, job_id: str, progress: Any) -> None:
+        """Record a running job's progress (JSON)."""
+        await self.redis.hset(self.keys.job(job_id), "progress", json.dumps(progress))
+
+    async def counts(self) -> dict[str, int]:
+        """How many jobs are waiting, delayed and active."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.wait)
+            pipe.zcard(self.keys.delayed)
+            pipe.zcard(self.keys.active)
+            waiting, delayed, active = await pipe.execute()
+        return {"waiting": waiting, "delayed": delayed, "active": active}
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)

@@ -1,0 +1,375 @@
+"""The run ledger: one ``plugin_runs`` row per attempt, written to PostgreSQL in batches.
+
+A job's attempt is settled in Redis by one Lua script that also appends a ledger entry to a
+stream (so the entry exists exactly when the job is acknowledged). :class:`RunLedger` reads the
+stream with a consumer group, writes each batch in one transaction (``plugin_runs``, ``jobs`` and
+``taskiq_results``), and only then acknowledges the entries. Row ids are derived from
+(job id, attempt), so writing an entry twice leaves one row. While PostgreSQL is down, entries
+wait in Redis; they are written when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import structlog
+from redis.exceptions import RedisError, ResponseError
+from taskiq import TaskiqResult
+
+from drm_taskiq.options import JobMetadata, ms_to_datetime
+from drm_taskiq.redis_queue import LEDGER_GROUP, RedisQueue
+
+log = structlog.get_logger()
+
+RUN_NAMESPACE = uuid.UUID("5d1c7a52-7f0e-4d55-9a59-3b9f8f1f2c11")
+
+_INSERT_RUNS = """
+INSERT INTO plugin_runs
+  (plugin_run_id, plugin_id, tenant_id, hook_name, args_hash, status, result, error, executed_at)
+SELECT r.id, r.plugin_id, r.tenant_id, r.hook_name, NULL, r.status, r.result::jsonb, r.error, r.at
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+            $8::timestamptz[])
+  AS r(id, plugin_id, tenant_id, hook_name, status, result, error, at)
+WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = r.tenant_id)
+ON CONFLICT (plugin_run_id) DO NOTHING
+"""
+
+_UPSERT_JOBS = """
+INSERT INTO jobs (job_id, queue, plugin_id, tenant_id, job_name, state, attempts_made, progress,
+                  returnvalue, failed_reason, created_at, finished_at)
+SELECT j.job_id, $1, j.plugin_id, j.tenant_id, j.job_name, j.state, j.attempts, j.progress::jsonb,
+       j.rv::jsonb, j.reason, j.created, j.finished
+FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::text[],
+            $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[])
+  AS j(job_id, plugin_id, tenant_id, job_name, state, attempts, progress, rv, reason, created,
+       finished)
+WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = j.tenant_id)
+ON CONFLICT (job_id) DO UPDATE SET
+  state = EXCLUDED.state, attempts_made = EXCLUDED.attempts_made, progress = EXCLUDED.progress,
+  returnvalue = EXCLUDED.returnvalue, failed_reason = EXCLUDED.failed_reason,
+  finished_at = EXCLUDED.finished_at
+"""
+
+_UPSERT_RESULTS = """
+INSERT INTO taskiq_results (task_id, result, progress)
+SELECT * FROM unnest($1::varchar[], $2::bytea[], $3::bytea[])
+ON CONFLICT (task_id) DO UPDATE SET result = EXCLUDED.result
+"""
+
+
+def run_id(job_id: str, attempt: int) -> uuid.UUID:
+    """The ``plugin_run_id`` of one attempt: the same attempt always gets the same id."""
+    return uuid.uuid5(RUN_NAMESPACE, f"{job_id}:{attempt}")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One settled attempt, as the finish and stalled-check scripts wrote it."""
+
+    entry_id: str
+    job_id: str
+    plugin_id: str
+    tenant_id: str
+    job_name: str
+    attempt: int
+    status: str  # success | error
+    state: str  # completed | failed | delayed (retry)
+    final: bool
+    outcome: str
+    value: str
+    progress: str | None
+    created: datetime
+    started: datetime | None
+    at: datetime
+    at_ms: str
+    extra: dict[str, Any]
+
+    @classmethod
+    def parse(cls, entry_id: str, raw: str) -> LedgerEntry:
+        """Parse a stream entry's JSON."""
+        body = json.loads(raw)
+        extra = body.get("extra") or "{}"
+        at = ms_to_datetime(body["at"])
+        assert at is not None
+        return cls(
+            entry_id=entry_id,
+            job_id=str(body["id"]),
+            plugin_id=str(body.get("plugin") or ""),
+            tenant_id=str(body.get("tenant") or ""),
+            job_name=str(body.get("job") or ""),
+            attempt=int(body["attempt"]),
+            status=str(body["status"]),
+            state=str(body["state"]),
+            final=bool(int(body["final"])),
+            outcome=str(body["outcome"]),
+            value=str(body.get("value") or ""),
+            progress=body["progress"] if isinstance(body.get("progress"), str) else None,
+            created=ms_to_datetime(body.get("ts")) or at,
+            started=ms_to_datetime(body.get("started")),
+            at=at,
+            at_ms=str(body["at"]),
+            extra=json.loads(extra) if isinstance(extra, str) else dict(extra),
+        )
+
+    def metadata(self) -> JobMetadata:
+        """The JobMetadata stored in ``plugin_runs.result``."""
+        extra: dict[str, Any] = {"attempt": self.attempt, "state": self.state}
+        if self.started is not None:
+            extra["startedAt"] = self.started.isoformat()
+            extra["durationMs"] = int((self.at - self.started).total_seconds() * 1000)
+        if self.status == "success" and self.value:
+            extra["returnvalue"] = _json_or_text(self.value)
+        extra.update(self.extra)
+        return JobMetadata(
+            job_id=self.job_id,
+            job_name=self.job_name,
+            attempts_made=self.attempt,
+            timestamp=self.created,
+            extra=extra,
+        )
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+async def write_entries(conn: asyncpg.Connection, queue_name: str, entries: list[LedgerEntry]) -> None:
+    """Write ledger entries in one transaction; entries already written change nothing."""
+    runs = [e for e in entries if e.plugin_id and e.tenant_id]
+    finals = [e for e in runs if e.final]
+    async with conn.transaction():
+        if runs:
+            await conn.execute(
+                _INSERT_RUNS,
+                [run_id(e.job_id, e.attempt) for e in runs],
+                [e.plugin_id for e in runs],
+                [e.tenant_id for e in runs],
+                [f"job:{e.job_name}" for e in runs],
+                [e.status for e in runs],
+                [e.metadata().to_json() for e in runs],
+                [None if e.status == "success" else e.value for e in runs],
+                [e.started or e.at for e in runs],
+            )
+        if finals:
+            await conn.execute(
+                _UPSERT_JOBS,
+                queue_name,
+                [e.job_id for e in finals],
+                [e.plugin_id for e in finals],
+                [e.tenant_id for e in finals],
+                [e.job_name for e in finals],
+                [e.state for e in finals],
+                [e.attempt for e in finals],
+                [e.progress for e in finals],
+                [e.value if e.state == "completed" and e.value else None for e in finals],
+                [e.value if e.state == "failed" else None for e in finals],
+                [e.created for e in finals],
+                [e.at for e in finals],
+            )
+            await conn.execute(
+                _UPSERT_RESULTS,
+                [e.job_id for e in finals],
+                [_taskiq_result(e) for e in finals],
+                [None for _ in finals],
+            )
+
+
+def _taskiq_result(entry: LedgerEntry) -> bytes:
+    failed = entry.state != "completed"
+    execution_time = (
+        (entry.at - entry.started).total_seconds() if entry.started is not None else 0.0
+    )
+    result: TaskiqResult[Any] = TaskiqResult(
+        is_err=failed,
+        return_value=None if failed else _json_or_text(entry.value or "null"),
+        execution_time=round(execution_time, 3),
+        error=RuntimeError(entry.value) if failed else None,
+        log=None,
+    )
+    return json.dumps(result.model_dump(mode="json")).encode()
+
+
+class RunLedger:
+    """Moves ledger entries from the Redis stream into PostgreSQL, in batches."""
+
+    def __init__(
+        self,
+        queue: RedisQueue,
+        pool: asyncpg.Pool,
+        *,
+        consumer: str,
+        batch: int = 500,
+        block_ms: int = 200,
+        retention_ms: int = 0,
+        claim_idle_ms: int = 60_000,
+    ) -> None:
+        self.queue = queue
+        self.pool = pool
+        self.consumer = consumer
+        self.batch = batch
+        self.block_ms = block_ms
+        self.retention_ms = retention_ms
+        self.claim_idle_ms = claim_idle_ms
+        self._group_ready = False
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (reading from the stream's start) if it does not exist."""
+        if self._group_ready:
+            return
+        try:
+            await self.queue.redis.xgroup_create(
+                self.queue.keys.ledger, LEDGER_GROUP, id="0", mkstream=True
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _read(self, start: str, block: int | None) -> list[tuple[str, str]]:
+        reply = await self.queue.redis.xreadgroup(
+            LEDGER_GROUP,
+            self.consumer,
+            {self.queue.keys.ledger: start},
+            count=self.batch,
+            block=block,
+        )
+        out = []
+        for _stream, items in reply or []:
+            for entry_id, fields in items:
+                raw = fields.get(b"e") if fields else None
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                out.append((eid, raw.decode() if isinstance(raw, bytes) else (raw or "")))
+        return out
+
+    async def flush_once(self, *, block: bool = False) -> int:
+        """Write one batch: this consumer's unacknowledged entries first, then new ones."""
+        await self.ensure_group()
+        items = await self._read("0", None)
+        if not items:
+            items = await self._read(">", self.block_ms if block else None)
+        if not items:
+            return 0
+        entries: list[LedgerEntry] = []
+        unreadable: list[str] = []
+        for entry_id, raw in items:
+            try:
+                entries.append(LedgerEntry.parse(entry_id, raw))
+            except (ValueError, KeyError, TypeError):
+                log.error("ledger_entry_unreadable", entry_id=entry_id, raw=raw[:200])
+                unreadable.append(entry_id)
+        async with self.pool.acquire() as conn:
+            await write_entries(conn, self.queue.keys.queue, entries)
+        await self.queue.settle_ledger(
+            [(e.entry_id, e.job_id, e.at_ms if e.final else "") for e in entries]
+            + [(entry_id, "", "") for entry_id in unreadable],
+            self.retention_ms,
+        )
+        return len(items)
+
+    async def claim_abandoned(self) -> int:
+        """Take over entries another consumer read but never acknowledged (it died)."""
+        await self.ensure_group()
+        reply = await self.queue.redis.xautoclaim(
+            self.queue.keys.ledger,
+            LEDGER_GROUP,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id="0-0",
+            count=self.batch,
+            justid=True,
+        )
+        claimed = reply[1] if reply else []
+        if claimed:
+            log.info("ledger_entries_claimed", count=len(claimed))
+        return len(claimed)
+
+    async def drain(self) -> int:
+        """Write everything now (shutdown, tests). Returns how many entries were written."""
+        total = 0
+        while True:
+            written = await self.flush_once()
+            if not written:
+                return total
+            total += written
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush continuously until ``stop`` is set; back off while PostgreSQL or Redis is down."""
+        failures = 0
+        last_claim = 0.0
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            try:
+                if loop.time() - last_claim > self.claim_idle_ms / 2000:
+                    last_claim = loop.time()
+                    await self.claim_abandoned()
+                await self.flush_once(block=True)
+                if failures:
+                    log.info("ledger_recovered", after_failures=failures)
+                failures = 0
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("ledger_write_failed", error=repr(exc), failures=failures)
+                await _sleep_or_stop(stop, min(0.1 * 2**failures, 5.0))
+        try:
+            await self.drain()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:
+            log.warning("ledger_not_drained_on_shutdown", error=repr(exc))
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
+
+
+async def log_plugin_run(
+    plugin_id: str,
+    tenant_id: str,
+    hook_name: str,
+    status: str,
+    metadata: JobMetadata | None = None,
+    error: str | None = None,
+    *,
+    pool: asyncpg.Pool | None = None,
+) -> uuid.UUID:
+    """Insert one ``plugin_runs`` row now (the specification's ``logPluginRun``).
+
+    Job attempts are recorded by the run ledger; this is for hooks and other one-off runs.
+    """
+    from drm_taskiq.options import check_id  # noqa: PLC0415
+    from drm_taskiq.errors import InvalidInputError  # noqa: PLC0415
+
+    check_id(plugin_id, "plugin_id")
+    check_id(tenant_id, "tenant_id")
+    if status not in ("success", "error"):
+        raise InvalidInputError("status", "must be 'success' or 'error'")
+    if not hook_name:
+        raise InvalidInputError("hook_name", "must be a non-empty string")
+    if pool is None:
+        from drm_taskiq.jobs import get_scheduler  # noqa: PLC0415  (process-wide default)
+
+        pool = get_scheduler().pool
+    row_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO plugin_runs (plugin_run_id, plugin_id, tenant_id, hook_name, args_hash,"
+        " status, result, error) VALUES ($1, $2, $3, $4, NULL, $5, $6::jsonb, $7)",
+        row_id,
+        plugin_id,
+        tenant_id,
+        hook_name,
+        status,
+        metadata.to_json() if metadata is not None else None,
+        error,
+    )
+    return row_id

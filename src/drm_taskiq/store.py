@@ -1,0 +1,134 @@
+"""PostgreSQL access: the connection pool and the versioned migrations in ``sql/migrations``."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import structlog
+
+from drm_taskiq.settings import Settings, mask_url
+
+log = structlog.get_logger()
+
+Pool = asyncpg.Pool  # re-exported for type hints elsewhere
+
+_MIGRATIONS_LOCK = 0x64726D74  # "drmt": advisory lock serialising concurrent migrators
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("drm_taskiq") / "sql" / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql"):
+            found.append((int(name.split("_", 1)[0]), name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections use the configured schema as their ``search_path``."""
+    try:
+        pool = await asyncpg.create_pool(
+            settings.database_url,
+            min_size=min_size,
+            max_size=max_size,
+            server_settings={"search_path": f"{settings.db_schema},public"},
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ConnectionError(
+            f"cannot connect to PostgreSQL at {mask_url(settings.database_url)}: {exc}"
+        ) from None
+    assert pool is not None
+    return pool
+
+
+async def migrate(settings: Settings) -> list[str]:
+    """Apply the migrations not yet applied; safe when several processes start at once."""
+    conn = await asyncpg.connect(settings.database_url)
+    applied: list[str] = []
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATIONS_LOCK)
+            schema = settings.db_schema
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(f'SET LOCAL search_path TO "{schema}", public')
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL,"
+                " applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW())"
+            )
+            done = {
+                row["version"]: row["checksum"]
+                for row in await conn.fetch("SELECT version, checksum FROM schema_migrations")
+            }
+            for version, name, sql in _migrations():
+                checksum = hashlib.sha256(sql.encode()).hexdigest()
+                if version in done:
+                    if done[version] != checksum:
+                        log.warning("migration_changed", migration=name)
+                    continue
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    version,
+                    name,
+                    checksum,
+                )
+                applied.append(name)
+    finally:
+        await conn.close()
+    if applied:
+        log.info("migrations_applied", migrations=applied, schema=settings.db_schema)
+    return applied
+
+
+async def fetch_enabled_tenants(pool: asyncpg.Pool, plugin_id: str) -> list[str]:
+    """Tenants that have ``plugin_id`` enabled."""
+    rows = await pool.fetch(
+        "SELECT tenant_id FROM tenant_plugins WHERE plugin_id = $1 AND enabled ORDER BY tenant_id",
+        plugin_id,
+    )
+    return [row["tenant_id"] for row in rows]
+
+
+async def tenant_plugin_enabled(pool: asyncpg.Pool, tenant_id: str, plugin_id: str) -> bool | None:
+    """True/False for an enabled/disabled plugin, None when the tenant does not exist."""
+    row = await pool.fetchrow(
+        "SELECT t.tenant_id, tp.enabled FROM tenants t"
+        " LEFT JOIN tenant_plugins tp ON tp.tenant_id = t.tenant_id AND tp.plugin_id = $2"
+        " WHERE t.tenant_id = $1",
+        tenant_id,
+        plugin_id,
+    )
+    if row is None:
+        return None
+    return bool(row["enabled"])
+
+
+async def ensure_tenant(
+    pool: asyncpg.Pool, tenant_id: str, *, name: str = "", plugins: dict[str, Any] | None = None
+) -> None:
+    """Create the tenant if missing and enable ``plugins`` (id -> config) for it."""
+    await pool.execute(
+        "INSERT INTO tenants (tenant_id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        tenant_id,
+        name,
+    )
+    for plugin_id, config in (plugins or {}).items():
+        await pool.execute(
+            "INSERT INTO tenant_plugins (tenant_id, plugin_id, enabled, config)"
+            " VALUES ($1, $2, TRUE, $3::jsonb)"
+            " ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET enabled = TRUE, config = EXCLUDED.config",
+            tenant_id,
+            plugin_id,
+            _json(config or {}),
+        )
+
+
+def _json(value: Any) -> str:
+    import json  # noqa: PLC0415
+
+    return json.dumps(value)
