@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from drm_taskiq import store
 from drm_taskiq.errors import DrmTaskiqError, InvalidInputError, SettingsError
 from drm_taskiq.logs import configure_logging
+from drm_taskiq.options import check_id
 from drm_taskiq.settings import Settings, load_settings
 
 RUN_COLUMNS = ("executed_at", "tenant", "plugin", "hook_name", "status", "attempt", "error")
@@ -114,6 +115,9 @@ def enqueue_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def tenant_plugins(args: argparse.Namespace) -> dict[str, Any]:
     """Plugin id -> config for ``tenant add``; ``--config`` applies to every ``--plugin``."""
+    check_id(args.tenant_id, "TENANT_ID")
+    for plugin_id in args.plugins:
+        check_id(plugin_id, "--plugin")
     config = parse_json(args.config, "--config")
     if config is not None and not isinstance(config, dict):
         raise InvalidInputError("--config", "must be a JSON object")
@@ -225,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, InvalidInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except asyncpg.UndefinedTableError as exc:
+        print(f"error: {exc} (run `drm-taskiq migrate` first)", file=sys.stderr)
+        return 1
     except (DrmTaskiqError, OSError, asyncpg.PostgresError, RedisError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -56,7 +56,9 @@ _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 class DrmBroker(ListQueueBroker):
     """Leases, acknowledgements, priorities and delays on Redis, run rows in PostgreSQL."""
 
-    def __init__(self, settings: Settings, *, validate_tenants: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, validate_tenants: bool = True, handle_signals: bool = True
+    ) -> None:
         super().__init__(
             url=settings.redis_url,
             queue_name=settings.queue,
@@ -64,6 +66,7 @@ class DrmBroker(ListQueueBroker):
             timeout=None,
         )
         self.settings = settings
+        self.handle_signals = handle_signals
         self.redis = Redis(connection_pool=self.connection_pool)
         self.queue = RedisQueue(self.redis, settings.key_prefix, settings.queue)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -112,7 +115,8 @@ class DrmBroker(ListQueueBroker):
                 asyncio.create_task(self._check_stalled(), name="drm-stalled-check"),
                 asyncio.create_task(self.ledger.run(self._stop), name="drm-ledger"),
             ]
-            self._install_shutdown_signals()
+            if self.handle_signals:
+                self._install_shutdown_signals()
             log.info(
                 "worker_started",
                 worker_id=self.worker_id,
