@@ -57,7 +57,7 @@ class DrmBroker(ListQueueBroker):
     """Leases, acknowledgements, priorities and delays on Redis, run rows in PostgreSQL."""
 
     def __init__(
-        self, settings: Settings, *, validate_tenants: bool = True, handle_signals: bool = True
+        self, settings: Settings, *, validate_tenants: bool = True, own_process: bool = True
     ) -> None:
         super().__init__(
             url=settings.redis_url,
@@ -66,7 +66,7 @@ class DrmBroker(ListQueueBroker):
             timeout=None,
         )
         self.settings = settings
-        self.handle_signals = handle_signals
+        self.own_process = own_process
         self.redis = Redis(connection_pool=self.connection_pool)
         self.queue = RedisQueue(self.redis, settings.key_prefix, settings.queue)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -92,7 +92,7 @@ class DrmBroker(ListQueueBroker):
         """Connect to PostgreSQL (migrating if configured), start worker loops, run events."""
         if self._started_up:
             return
-        if self.is_worker_process:
+        if self.is_worker_process and self.own_process:
             configure_logging(self.settings.log_format, self.settings.log_level)
         self._stop = asyncio.Event()
         self._capacity = asyncio.Event()
@@ -115,7 +115,7 @@ class DrmBroker(ListQueueBroker):
                 asyncio.create_task(self._check_stalled(), name="drm-stalled-check"),
                 asyncio.create_task(self.ledger.run(self._stop), name="drm-ledger"),
             ]
-            if self.handle_signals:
+            if self.own_process:
                 self._install_shutdown_signals()
             log.info(
                 "worker_started",

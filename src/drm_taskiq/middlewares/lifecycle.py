@@ -86,7 +86,12 @@ class LifecycleMiddleware(TaskiqMiddleware):
         attempt = (delivery.attempts_made if delivery else 0) + 1
         structlog.contextvars.bind_contextvars(**_identity(message), attempt=attempt)
         self.drm_broker.mark_started(message.task_id)
-        log.info("job_started", stalled=delivery.stalled if delivery else 0)
+        log.info(
+            "job_started",
+            **_identity(message),
+            attempt=attempt,
+            stalled=delivery.stalled if delivery else 0,
+        )
         return message
 
     def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
@@ -95,9 +100,10 @@ class LifecycleMiddleware(TaskiqMiddleware):
         delivery = broker.delivery(message.task_id)
         attempt = (delivery.attempts_made if delivery else 0) + 1
         duration_ms = int(result.execution_time * 1000)
+        job_log = log.bind(**_identity(message), attempt=attempt)
         try:
             if not result.is_err:
-                log.info("job_succeeded", duration_ms=duration_ms)
+                job_log.info("job_succeeded", duration_ms=duration_ms)
                 broker.set_outcome(
                     message.task_id,
                     PendingOutcome("completed", value=_returnvalue(result.return_value)),
@@ -109,9 +115,9 @@ class LifecycleMiddleware(TaskiqMiddleware):
                 timeout_ms = int(float(message.labels.get(LABEL_TIMEOUT, 0)) * 1000)
                 error = JobTimeoutError(f"timed out after {timeout_ms} ms")
                 extra["timedOut"] = True
-                log.warning("job_timed_out", timeout_ms=timeout_ms, duration_ms=duration_ms)
+                job_log.warning("job_timed_out", timeout_ms=timeout_ms, duration_ms=duration_ms)
             reason = describe(error)
-            log.warning("job_failed", error=reason, duration_ms=duration_ms)
+            job_log.warning("job_failed", error=reason, duration_ms=duration_ms)
             decision = decide(
                 attempt,
                 error,
@@ -121,12 +127,12 @@ class LifecycleMiddleware(TaskiqMiddleware):
             if decision.action == "retry":
                 due = int(time.time() * 1000) + decision.delay_ms
                 extra["retryDelayMs"] = decision.delay_ms
-                log.info("job_retry_scheduled", delay_ms=decision.delay_ms, next_attempt=attempt + 1)
+                job_log.info("job_retry_scheduled", delay_ms=decision.delay_ms, next_attempt=attempt + 1)
                 broker.set_outcome(
                     message.task_id, PendingOutcome("retry", value=reason, due_ms=due, extra=extra)
                 )
             else:
-                log.error("job_failed_permanently", error=reason, attempts_made=attempt)
+                job_log.error("job_failed_permanently", error=reason, attempts_made=attempt)
                 broker.set_outcome(
                     message.task_id, PendingOutcome("failed", value=reason, extra=extra)
                 )
