@@ -55,10 +55,34 @@ class CronSchedule:
 
 
 def next_slot(cron: str, tz: str, after: datetime) -> datetime:
-    """The first slot strictly after ``after``, in UTC."""
-    local = after.astimezone(ZoneInfo(tz))
-    nxt: datetime = croniter(to_croniter(cron), local).get_next(datetime)
+    """The first slot strictly after ``after``, in UTC.
+
+    Daylight-saving rule (as classic cron): a local time that does not exist (spring forward)
+    fires at the first instant after the gap; a local time that happens twice (fall back) fires
+    once, at its first occurrence, unless the hour field is a wildcard (``*`` or ``*/n``), in
+    which case every real hour fires.
+    """
+    zone = ZoneInfo(tz)
+    expression = to_croniter(cron)
+    hour_field = cron.split()[-4]
+    hour_wildcard = hour_field == "*" or hour_field.startswith("*/")
+    current = after.astimezone(zone)
+    for _ in range(4):
+        nxt: datetime = croniter(expression, current).get_next(datetime)
+        if hour_wildcard or not _second_occurrence(nxt, zone):
+            return nxt.astimezone(UTC)
+        current = nxt
     return nxt.astimezone(UTC)
+
+
+def _second_occurrence(moment: datetime, zone: ZoneInfo) -> bool:
+    """Whether ``moment`` is the repeated (second) instance of an ambiguous local time."""
+    naive = moment.astimezone(zone).replace(tzinfo=None)
+    first = naive.replace(tzinfo=zone, fold=0)
+    second = naive.replace(tzinfo=zone, fold=1)
+    if first.utcoffset() == second.utcoffset():
+        return False
+    return moment.astimezone(UTC) == second.astimezone(UTC)
 
 
 def due_slots(cron: str, tz: str, last: datetime, now: datetime, limit: int = 1000) -> list[datetime]:
