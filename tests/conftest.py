@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 from taskiq.receiver import Receiver
 
+from drm_taskiq import store
 from drm_taskiq.jobs import JobScheduler
 from drm_taskiq.queue_broker import DrmBroker
 from drm_taskiq.settings import Settings, load_settings
-from drm_taskiq import store
 from tests.support.services import DATABASE_URL, REDIS_URL, require
 
 
@@ -80,7 +80,7 @@ class WorkerHandle:
     """An in-process worker: a DrmBroker in worker mode driven by taskiq's Receiver."""
 
     def __init__(self, settings: Settings, setup: Callable[[JobScheduler], Any] | None) -> None:
-        self.broker = DrmBroker(settings, handle_signals=False)
+        self.broker = DrmBroker(settings, own_process=False)
         self.broker.is_worker_process = True
         self.scheduler = JobScheduler(self.broker, plugins=[])
         self.setup = setup
@@ -105,9 +105,11 @@ class WorkerHandle:
 
 
 @pytest.fixture
-async def client(settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis) -> AsyncIterator[JobScheduler]:
+async def client(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+) -> AsyncIterator[JobScheduler]:
     """A started JobScheduler in client mode (enqueues, reads state)."""
-    broker = DrmBroker(settings, handle_signals=False)
+    broker = DrmBroker(settings, own_process=False)
     scheduler = JobScheduler(broker, plugins=[])
     await scheduler.start()
     yield scheduler
@@ -121,7 +123,9 @@ async def start_worker(
     """Start in-process workers; each is stopped at the end of the test."""
     workers: list[WorkerHandle] = []
 
-    async def start(setup: Callable[[JobScheduler], Any] | None = None, **overrides: Any) -> WorkerHandle:
+    async def start(
+        setup: Callable[[JobScheduler], Any] | None = None, **overrides: Any
+    ) -> WorkerHandle:
         worker_settings = settings.model_copy(update=overrides) if overrides else settings
         handle = WorkerHandle(worker_settings, setup)
         await handle.start()
@@ -134,7 +138,9 @@ async def start_worker(
             await handle.stop()
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05
+) -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy; fail on timeout."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

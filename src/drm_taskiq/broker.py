@@ -10,9 +10,9 @@ import sys
 
 from taskiq import TaskiqEvents, TaskiqState
 
+from drm_taskiq.errors import SettingsError
 from drm_taskiq.jobs import JobScheduler
 from drm_taskiq.queue_broker import DrmBroker
-from drm_taskiq.errors import SettingsError
 from drm_taskiq.settings import get_settings
 
 try:

@@ -26,7 +26,7 @@ class TenantDatabase:
         self.tenant_id = tenant_id
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
         """A connection inside a transaction scoped to the tenant."""
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT set_config('app.tenant_id', $1, true)", self.tenant_id)

@@ -51,7 +51,12 @@ class CronSchedule:
     overlap: Literal["allow", "skip"] = "allow"
 
     def key(self) -> tuple[Any, ...]:
-        return (self.task_name, self.cron, self.tz, json.dumps(self.labels, sort_keys=True, default=str))
+        return (
+            self.task_name,
+            self.cron,
+            self.tz,
+            json.dumps(self.labels, sort_keys=True, default=str),
+        )
 
 
 def next_slot(cron: str, tz: str, after: datetime) -> datetime:
@@ -85,7 +90,9 @@ def _second_occurrence(moment: datetime, zone: ZoneInfo) -> bool:
     return moment.astimezone(UTC) == second.astimezone(UTC)
 
 
-def due_slots(cron: str, tz: str, last: datetime, now: datetime, limit: int = 1000) -> list[datetime]:
+def due_slots(
+    cron: str, tz: str, last: datetime, now: datetime, limit: int = 1000
+) -> list[datetime]:
     """Slots in (last, now], oldest first (at most ``limit``: the newest ones)."""
     slots: list[datetime] = []
     current = last
@@ -160,7 +167,12 @@ class CronEngine:
             if old is None or old.key() != schedule.key():
                 self._next.pop(schedule_id, None)
                 if old is None:
-                    log.info("schedule_added", schedule_id=schedule_id, cron=schedule.cron, tz=schedule.tz)
+                    log.info(
+                        "schedule_added",
+                        schedule_id=schedule_id,
+                        cron=schedule.cron,
+                        tz=schedule.tz,
+                    )
         self.schedules = found
         self._loaded_at = time.monotonic()
 
@@ -170,7 +182,7 @@ class CronEngine:
         if raw is None:
             await redis.hsetnx(self.last_key, schedule_id, int(now.timestamp() * 1000))
             raw = await redis.hget(self.last_key, schedule_id)
-        return datetime.fromtimestamp(int(raw) / 1000, tz=UTC)
+        return datetime.fromtimestamp(int(raw or 0) / 1000, tz=UTC)
 
     async def tick(self, now: datetime | None = None) -> int:
         """Fire every due slot; returns how many jobs were enqueued (or found already there)."""
@@ -212,12 +224,18 @@ class CronEngine:
             previous = await self.broker.redis.hget(self.lastjob_key, schedule.schedule_id)
             if previous:
                 state = await self.broker.redis.hget(
-                    self.broker.queue.keys.job(previous.decode()), "state"
+                    self.broker.queue.keys.job(_text(previous)), "state"
                 )
                 if state in (b"waiting", b"active", b"delayed"):
-                    log.info("schedule_slot_skipped", schedule_id=schedule.schedule_id, reason="overlap")
+                    log.info(
+                        "schedule_slot_skipped", schedule_id=schedule.schedule_id, reason="overlap"
+                    )
                     return False
-        labels = {**schedule.labels, LABEL_DEDUP: CRON_DEDUP_TTL_S, "schedule_id": schedule.schedule_id}
+        labels = {
+            **schedule.labels,
+            LABEL_DEDUP: CRON_DEDUP_TTL_S,
+            "schedule_id": schedule.schedule_id,
+        }
         try:
             await (
                 AsyncKicker(schedule.task_name, self.broker, labels)
@@ -310,4 +328,5 @@ class DrmScheduler(TaskiqScheduler):
         await super().shutdown()
 
 
-
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

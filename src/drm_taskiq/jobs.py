@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from drm_taskiq.queue_broker import DrmBroker
 
 log = structlog.get_logger()
+
+CONFIG_CACHE_S = 5.0  # how long a tenant's plugin config is reused before re-reading it
 
 JobHandler = Callable[[PluginContext, "Job"], Awaitable[Any]]
 
@@ -78,6 +81,7 @@ class JobScheduler:
         self.jobs: dict[tuple[str, str], JobDefinition] = {}
         self._plugins = plugins
         self.loaded_plugins: dict[str, Plugin] = {}
+        self._configs: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -114,7 +118,9 @@ class JobScheduler:
             tenants = await store.fetch_enabled_tenants(self.pool, plugin.id)
             for tenant_id in tenants:
                 await self._call_hook(plugin, tenant_id, "on_load")
-            log.info("plugin_loaded", plugin_id=plugin.id, version=plugin.version, tenants=len(tenants))
+            log.info(
+                "plugin_loaded", plugin_id=plugin.id, version=plugin.version, tenants=len(tenants)
+            )
         return plugins
 
     async def unload_plugin(self, plugin_id: str, tenant_id: str) -> None:
@@ -126,22 +132,36 @@ class JobScheduler:
             "DELETE FROM schedules WHERE tenant_id = $1 AND plugin_id = $2", tenant_id, plugin_id
         )
 
+    async def tenant_config(self, tenant_id: str, plugin_id: str) -> dict[str, Any]:
+        """The plugin's configuration for the tenant (``tenant_plugins.config``), cached briefly."""
+        key = (tenant_id, plugin_id)
+        now = time.monotonic()
+        hit = self._configs.get(key)
+        if hit is not None and now - hit[0] < CONFIG_CACHE_S:
+            return dict(hit[1])
+        raw = await self.pool.fetchval(
+            "SELECT config FROM tenant_plugins WHERE tenant_id = $1 AND plugin_id = $2",
+            tenant_id,
+            plugin_id,
+        )
+        config = json.loads(raw) if raw else {}
+        if len(self._configs) > 10_000:
+            self._configs.clear()
+        self._configs[key] = (now, config)
+        return dict(config)
+
     async def _call_hook(self, plugin: Plugin, tenant_id: str, hook: str) -> None:
         function = plugin.on_load if hook == "on_load" else plugin.on_unload
         if function is None:
             return
-        config = await self.pool.fetchval(
-            "SELECT config FROM tenant_plugins WHERE tenant_id = $1 AND plugin_id = $2",
-            tenant_id,
-            plugin.id,
-        )
-        ctx = create_plugin_context(
-            plugin.id, tenant_id, scheduler=self, config=json.loads(config) if config else {}
-        )
+        config = await self.tenant_config(tenant_id, plugin.id)
+        ctx = create_plugin_context(plugin.id, tenant_id, scheduler=self, config=config)
         try:
             await function(ctx)
         except Exception as exc:
-            log.error(f"plugin_{hook}_failed", plugin_id=plugin.id, tenant_id=tenant_id, error=repr(exc))
+            log.error(
+                f"plugin_{hook}_failed", plugin_id=plugin.id, tenant_id=tenant_id, error=repr(exc)
+            )
 
     # ------------------------------------------------------------------ registration
     async def register_job(
@@ -177,7 +197,8 @@ class JobScheduler:
         if opts.cron is not None and tenant_id is not None:
             check_id(tenant_id, "tenant_id")
             await self.pool.execute(
-                "INSERT INTO schedules (schedule_id, tenant_id, plugin_id, job_name, cron, tz, options)"
+                "INSERT INTO schedules"
+                " (schedule_id, tenant_id, plugin_id, job_name, cron, tz, options)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)"
                 " ON CONFLICT (tenant_id, plugin_id, job_name) DO UPDATE SET cron = EXCLUDED.cron,"
                 " tz = EXCLUDED.tz, options = EXCLUDED.options, updated_at = NOW()",
@@ -189,14 +210,22 @@ class JobScheduler:
                 opts.tz,
                 opts.model_dump_json(exclude={"cron", "tz", "job_id", "delay"}),
             )
-            log.info("schedule_registered", plugin_id=plugin_id, tenant_id=tenant_id, job_name=job_name, cron=opts.cron)
+            log.info(
+                "schedule_registered",
+                plugin_id=plugin_id,
+                tenant_id=tenant_id,
+                job_name=job_name,
+                cron=opts.cron,
+            )
 
     def _check_limits(self, opts: JobOptions) -> None:
         settings = self.settings
         if opts.attempts > settings.max_attempts:
             raise InvalidInputError("options.attempts", f"must be at most {settings.max_attempts}")
         if opts.timeout is not None and opts.timeout > settings.max_timeout_ms:
-            raise InvalidInputError("options.timeout", f"must be at most {settings.max_timeout_ms} ms")
+            raise InvalidInputError(
+                "options.timeout", f"must be at most {settings.max_timeout_ms} ms"
+            )
 
     async def remove_job(
         self, plugin_id: str, job_name: str, *, tenant_id: str | None = None
@@ -224,7 +253,7 @@ class JobScheduler:
         async def run_plugin_job(
             data: Any = None,
             tenant_id: str = "",
-            context: Context = TaskiqDepends(),
+            context: Context = TaskiqDepends(),  # noqa: B008  (taskiq's injection idiom)
         ) -> Any:
             definition = scheduler.jobs.get((plugin_id, job_name))
             if definition is None:
@@ -240,11 +269,14 @@ class JobScheduler:
                 tenant_id=tenant_id,
                 _queue=scheduler.broker.queue,
             )
-            ctx = create_plugin_context(plugin_id, tenant_id, scheduler=scheduler)
+            config = await scheduler.tenant_config(tenant_id, plugin_id)
+            ctx = create_plugin_context(plugin_id, tenant_id, scheduler=scheduler, config=config)
             ctx.logger = ctx.logger.bind(job_id=job_id, attempt=job.attempts_made + 1)
             return await definition.handler(ctx, job)
 
-        run_plugin_job.__name__ = f"plugin_{plugin_id}_{job_name}".replace("-", "_").replace(".", "_")
+        run_plugin_job.__name__ = f"plugin_{plugin_id}_{job_name}".replace("-", "_").replace(
+            ".", "_"
+        )
         return run_plugin_job
 
     # ------------------------------------------------------------------ enqueueing
@@ -279,7 +311,9 @@ class JobScheduler:
         labels = base.merged(opts).labels(self.settings.default_timeout_ms)
         if opts.job_id is not None:
             labels[LABEL_DEDUP] = 1
-        await task.kicker().with_task_id(job_id).with_labels(**labels).kiq(data, tenant_id=tenant_id)
+        await (
+            task.kicker().with_task_id(job_id).with_labels(**labels).kiq(data, tenant_id=tenant_id)
+        )
         return job_id
 
     # ------------------------------------------------------------------ state

@@ -9,7 +9,9 @@ from typing import Any
 import structlog
 
 
-def _drop_secrets(_: Any, __: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+def _drop_secrets(
+    _: Any, __: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
     from drm_taskiq.settings import mask_url  # noqa: PLC0415  (logs sits below settings' users)
 
     for key, value in list(event_dict.items()):

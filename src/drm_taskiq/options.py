@@ -155,7 +155,9 @@ class JobOptions(BaseModel):
         return value
 
     @classmethod
-    def coerce(cls, value: JobOptions | Mapping[str, Any] | None, field_name: str = "options") -> JobOptions:
+    def coerce(
+        cls, value: JobOptions | Mapping[str, Any] | None, field_name: str = "options"
+    ) -> JobOptions:
         """Accept a JobOptions, a dict with the same keys, or None; raise naming the field."""
         if value is None:
             return cls()
@@ -271,7 +273,7 @@ def ms_to_datetime(value: str | int | float | None) -> datetime | None:
     """A millisecond epoch timestamp as an aware UTC datetime."""
     if value in (None, "", False):
         return None
-    return datetime.fromtimestamp(int(float(value)) / 1000, tz=UTC)  # type: ignore[arg-type]
+    return datetime.fromtimestamp(int(float(value)) / 1000, tz=UTC)
 
 
 def encode_payload(data: Any, max_bytes: int, field_name: str = "data") -> str:
@@ -286,4 +288,3 @@ def encode_payload(data: Any, max_bytes: int, field_name: str = "data") -> str:
     if size > max_bytes:
         raise InvalidInputError(field_name, f"is {size} bytes as JSON; the limit is {max_bytes}")
     return text
-

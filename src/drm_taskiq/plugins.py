@@ -37,7 +37,7 @@ class Plugin:
 
 def define_plugin(
     *,
-    id: str,  # noqa: A002  (the specification's name)
+    id: str,
     name: str,
     version: str,
     on_load: LifecycleHook | None = None,

@@ -77,7 +77,7 @@ class DrmBroker(ListQueueBroker):
         self.with_result_backend(JobResultBackend(settings))
         self.ledger: RunLedger | None = None
         self._held: dict[str, Delivery] = {}
-        self._started: set[str] = set()
+        self._started: dict[str, int] = {}
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._outcomes: dict[str, PendingOutcome] = {}
         self._capacity = asyncio.Event()
@@ -185,7 +185,7 @@ class DrmBroker(ListQueueBroker):
 
     def mark_started(self, job_id: str) -> None:
         """Record that the handler of ``job_id`` started (it will not be given back unstarted)."""
-        self._started.add(job_id)
+        self._started[job_id] = now_ms()
         task = asyncio.current_task()
         if task is not None:
             self._running[job_id] = task
@@ -194,7 +194,7 @@ class DrmBroker(ListQueueBroker):
         """The decision for the current attempt, applied at acknowledgement."""
         self._outcomes[job_id] = outcome
 
-    async def listen(self) -> AsyncGenerator[bytes | AckableMessage, None]:
+    async def listen(self) -> AsyncGenerator[bytes | AckableMessage, None]:  # type: ignore[override]
         """Lease jobs while this process has capacity; yield them as ackable messages."""
         buffer: deque[Delivery] = deque()
         outage_since: float | None = None
@@ -230,7 +230,9 @@ class DrmBroker(ListQueueBroker):
                         await asyncio.sleep(min(0.05 * 2**failures, 2.0))
                         continue
                     if outage_since is not None:
-                        log.info("redis_reconnected", after_s=round(time.monotonic() - outage_since, 1))
+                        log.info(
+                            "redis_reconnected", after_s=round(time.monotonic() - outage_since, 1)
+                        )
                     outage_since, failures = None, 0
                     buffer.extend(deliveries)
                     continue
@@ -293,6 +295,7 @@ class DrmBroker(ListQueueBroker):
                     value=pending.value,
                     due_ms=pending.due_ms,
                     extra=pending.extra,
+                    started_ms=self._started.get(delivery.job_id),
                 )
             except _TRANSIENT as exc:
                 attempt += 1
@@ -303,7 +306,7 @@ class DrmBroker(ListQueueBroker):
 
     def _release(self, job_id: str) -> None:
         self._held.pop(job_id, None)
-        self._started.discard(job_id)
+        self._started.pop(job_id, None)
         self._running.pop(job_id, None)
         self._outcomes.pop(job_id, None)
         self._capacity.set()

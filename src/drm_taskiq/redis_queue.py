@@ -129,7 +129,9 @@ class RedisQueue:
         )
         return bool(created), _text(state)
 
-    async def take(self, token: str, count: int, lease_ms: int) -> tuple[list[Delivery], int | None]:
+    async def take(
+        self, token: str, count: int, lease_ms: int
+    ) -> tuple[list[Delivery], int | None]:
         """Lease up to ``count`` jobs; also returns when the next delayed job is due (ms)."""
         k = self.keys
         raw, next_due = await self._scripts["take"](
@@ -157,6 +159,7 @@ class RedisQueue:
         value: str = "",
         due_ms: int = 0,
         extra: dict[str, Any] | None = None,
+        started_ms: int | None = None,
     ) -> bool:
         """Settle one attempt atomically (state, ledger entry, ack); False if the lease was lost."""
         k = self.keys
@@ -170,6 +173,7 @@ class RedisQueue:
                 value,
                 due_ms,
                 json.dumps(extra or {}),
+                "" if started_ms is None else started_ms,
             ],
         )
         return bool(settled)
@@ -200,10 +204,8 @@ class RedisQueue:
         split = items.index("|")
         return items[:split], items[split + 1 :]
 
-    async def settle_ledger(
-        self, entries: list[tuple[str, str, str]], retention_ms: int
-    ) -> None:
-        """Acknowledge ledger entries (entry id, job id, finished ms or '') after they are stored."""
+    async def settle_ledger(self, entries: list[tuple[str, str, str]], retention_ms: int) -> None:
+        """Acknowledge stored ledger entries: (entry id, job id, finished ms or '')."""
         if not entries:
             return
         flat = [item for triple in entries for item in triple]

@@ -60,7 +60,9 @@ def decide(
         return Decision("fail", reason=reason)
     if attempts_made >= options.attempts:
         return Decision("fail", reason=reason)
-    return Decision("retry", delay_ms=backoff_delay(attempts_made, options, rand=rand), reason=reason)
+    return Decision(
+        "retry", delay_ms=backoff_delay(attempts_made, options, rand=rand), reason=reason
+    )
 
 
 def describe(error: BaseException) -> str:

@@ -11,6 +11,7 @@ wait in Redis; they are written when it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -142,7 +143,11 @@ def _json_or_text(value: str) -> Any:
         return value
 
 
-async def write_entries(conn: asyncpg.Connection, queue_name: str, entries: list[LedgerEntry]) -> None:
+async def write_entries(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
+    queue_name: str,
+    entries: list[LedgerEntry],
+) -> None:
     """Write ledger entries in one transaction; entries already written change nothing."""
     runs = [e for e in entries if e.plugin_id and e.tenant_id]
     finals = [e for e in runs if e.final]
@@ -242,8 +247,9 @@ class RunLedger:
             count=self.batch,
             block=block,
         )
-        out = []
-        for _stream, items in reply or []:
+        out: list[tuple[str, str]] = []
+        streams: list[Any] = list(reply or [])
+        for _stream, items in streams:
             for entry_id, fields in items:
                 raw = fields.get(b"e") if fields else None
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
@@ -327,13 +333,11 @@ class RunLedger:
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass
 
 
-async def log_plugin_run(
+async def log_plugin_run(  # noqa: PLR0917  (the specification's positional signature)
     plugin_id: str,
     tenant_id: str,
     hook_name: str,
@@ -347,8 +351,8 @@ async def log_plugin_run(
 
     Job attempts are recorded by the run ledger; this is for hooks and other one-off runs.
     """
-    from drm_taskiq.options import check_id  # noqa: PLC0415
     from drm_taskiq.errors import InvalidInputError  # noqa: PLC0415
+    from drm_taskiq.options import check_id  # noqa: PLC0415
 
     check_id(plugin_id, "plugin_id")
     check_id(tenant_id, "tenant_id")

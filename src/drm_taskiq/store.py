@@ -121,7 +121,8 @@ async def ensure_tenant(
         await pool.execute(
             "INSERT INTO tenant_plugins (tenant_id, plugin_id, enabled, config)"
             " VALUES ($1, $2, TRUE, $3::jsonb)"
-            " ON CONFLICT (tenant_id, plugin_id) DO UPDATE SET enabled = TRUE, config = EXCLUDED.config",
+            " ON CONFLICT (tenant_id, plugin_id)"
+            " DO UPDATE SET enabled = TRUE, config = EXCLUDED.config",
             tenant_id,
             plugin_id,
             _json(config or {}),

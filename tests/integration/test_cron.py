@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,7 +25,9 @@ async def _wait_ids(client: JobScheduler, redis_client: Any) -> list[str]:
     return sorted(m.decode() for m in members)
 
 
-async def test_two_engines_fire_each_slot_once(client: JobScheduler, tenant: str, redis_client: Any) -> None:
+async def test_two_engines_fire_each_slot_once(
+    client: JobScheduler, tenant: str, redis_client: Any
+) -> None:
     """Two schedulers ticking over the same slots enqueue one job per slot."""
     await client.for_tenant(tenant).register_job("testp", "beat", noop, {"cron": "*/2 * * * * *"})
     first, second = CronEngine(client.broker, client), CronEngine(client.broker, client)
@@ -39,11 +42,13 @@ async def test_two_engines_fire_each_slot_once(client: JobScheduler, tenant: str
     ids = await _wait_ids(client, redis_client)
     slots = sorted(int(i.rsplit(":", 1)[1]) for i in ids)
     assert len(slots) == 10 == len(set(slots))
-    assert all(b - a == 2000 for a, b in zip(slots, slots[1:], strict=False))
+    assert all(b - a == 2000 for a, b in itertools.pairwise(slots))
     assert all(i.startswith(f"cron:{tenant}:testp:beat:") for i in ids)
 
 
-async def test_registered_and_removed_while_running(client: JobScheduler, tenant: str, redis_client: Any) -> None:
+async def test_registered_and_removed_while_running(
+    client: JobScheduler, tenant: str, redis_client: Any
+) -> None:
     """A schedule registered or removed at run time is picked up at the next reload."""
     engine = CronEngine(client.broker, client)
     base = datetime(2030, 1, 1, tzinfo=UTC)
@@ -62,7 +67,9 @@ async def test_registered_and_removed_while_running(client: JobScheduler, tenant
     assert len(await _wait_ids(client, redis_client)) == 1
 
 
-async def test_missed_slots_fire_latest_once(client: JobScheduler, tenant: str, redis_client: Any) -> None:
+async def test_missed_slots_fire_latest_once(
+    client: JobScheduler, tenant: str, redis_client: Any
+) -> None:
     """After the scheduler was away for many slots, the default policy fires one late run."""
     await client.for_tenant(tenant).register_job("testp", "beat", noop, {"cron": "* * * * *"})
     engine = CronEngine(client.broker, client)
@@ -75,7 +82,9 @@ async def test_missed_slots_fire_latest_once(client: JobScheduler, tenant: str, 
     assert ids[0].endswith(str(int((base + timedelta(minutes=30)).timestamp() * 1000)))
 
 
-async def test_schedule_stored_per_tenant(client: JobScheduler, tenant: str, db: asyncpg.Pool) -> None:
+async def test_schedule_stored_per_tenant(
+    client: JobScheduler, tenant: str, db: asyncpg.Pool
+) -> None:
     """register_job with cron upserts one schedules row per (tenant, plugin, job)."""
     scoped = client.for_tenant(tenant)
     await scoped.register_job("testp", "beat", noop, {"cron": "0 * * * *", "tz": "Europe/Berlin"})

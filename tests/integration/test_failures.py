@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -19,7 +20,9 @@ async def _rows(db: asyncpg.Pool) -> list[asyncpg.Record]:
     return list(await db.fetch("SELECT * FROM plugin_runs ORDER BY (result->>'attempt')::int"))
 
 
-async def test_fails_twice_then_succeeds_with_backoff(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str) -> None:
+async def test_fails_twice_then_succeeds_with_backoff(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
     """attempts=3, fixed 400 ms: rows error, error, success with attempt numbers and real gaps."""
 
     async def flaky(ctx: Any, job: Any) -> str:
@@ -28,7 +31,9 @@ async def test_fails_twice_then_succeeds_with_backoff(client: JobScheduler, star
         return "ok"
 
     async def setup(s: JobScheduler) -> None:
-        await s.register_job("testp", "flaky", flaky, {"attempts": 3, "backoff": {"type": "fixed", "delay": 400}})
+        await s.register_job(
+            "testp", "flaky", flaky, {"attempts": 3, "backoff": {"type": "fixed", "delay": 400}}
+        )
 
     await setup(client)
     with capture_logs() as logs:
@@ -39,7 +44,7 @@ async def test_fails_twice_then_succeeds_with_backoff(client: JobScheduler, star
     assert [r["status"] for r in rows] == ["error", "error", "success"]
     assert [json.loads(r["result"])["attempt"] for r in rows] == [1, 2, 3]
     assert rows[0]["error"] == "RuntimeError: boom 0"
-    for earlier, later in zip(rows, rows[1:], strict=False):
+    for earlier, later in itertools.pairwise(rows):
         gap = (later["executed_at"] - earlier["executed_at"]).total_seconds()
         assert gap >= 0.35, f"retry ran after {gap:.3f} s; backoff is 0.4 s"
     status = await client.get_job_status("testp", "flaky", job_id)
@@ -48,29 +53,44 @@ async def test_fails_twice_then_succeeds_with_backoff(client: JobScheduler, star
     assert [e["delay_ms"] for e in scheduled] == [400, 400]
 
 
-async def test_exponential_backoff_gaps_double(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str) -> None:
+async def test_exponential_backoff_gaps_double(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
     """Exponential backoff of 300 ms waits about 300 then 600 ms between attempts."""
 
     async def always(ctx: Any, job: Any) -> None:
         raise RuntimeError("nope")
 
     async def setup(s: JobScheduler) -> None:
-        await s.register_job("testp", "always", always, {"attempts": 3, "backoff": {"type": "exponential", "delay": 300}})
+        await s.register_job(
+            "testp",
+            "always",
+            always,
+            {"attempts": 3, "backoff": {"type": "exponential", "delay": 300}},
+        )
 
     await setup(client)
     await start_worker(setup)
     job_id = await client.add_job("testp", "always", None, tenant_id=tenant)
     await wait_for(lambda: db.fetchval("SELECT count(*) = 1 FROM jobs"), timeout=20)
     rows = await _rows(db)
-    gaps = [(b["executed_at"] - a["executed_at"]).total_seconds() for a, b in zip(rows, rows[1:], strict=False)]
+    gaps = [
+        (b["executed_at"] - a["executed_at"]).total_seconds() for a, b in itertools.pairwise(rows)
+    ]
     assert gaps[0] >= 0.28 and gaps[1] >= 0.58, gaps
     assert gaps[1] > gaps[0] * 1.5, gaps
     status = await client.get_job_status("testp", "always", job_id)
     assert status is not None
-    assert (status.state, status.attempts_made, status.failed_reason) == ("failed", 3, "RuntimeError: nope")
+    assert (status.state, status.attempts_made, status.failed_reason) == (
+        "failed",
+        3,
+        "RuntimeError: nope",
+    )
 
 
-async def test_unrecoverable_error_fails_at_once(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str) -> None:
+async def test_unrecoverable_error_fails_at_once(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
     """UnrecoverableError ends the job after one attempt whatever `attempts` says."""
 
     async def fatal(ctx: Any, job: Any) -> None:
@@ -92,7 +112,9 @@ async def test_unrecoverable_error_fails_at_once(client: JobScheduler, start_wor
     assert failed[0]["plugin_id"] == "testp" and failed[0]["attempt"] == 1
 
 
-async def test_timeout_cuts_the_attempt_and_records_it(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str) -> None:
+async def test_timeout_cuts_the_attempt_and_records_it(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
     """A handler over its timeout is cut off near the timeout and recorded as timed out."""
     import asyncio
 
@@ -114,5 +136,9 @@ async def test_timeout_cuts_the_attempt_and_records_it(client: JobScheduler, sta
     assert meta["timedOut"] is True
     assert meta["durationMs"] < 3000
     status = await client.get_job_status("testp", "slow", job_id)
-    assert status is not None and status.state == "failed" and "timed out" in (status.failed_reason or "")
+    assert (
+        status is not None
+        and status.state == "failed"
+        and "timed out" in (status.failed_reason or "")
+    )
     assert any(e["event"] == "job_timed_out" and e["job_id"] == job_id for e in logs)

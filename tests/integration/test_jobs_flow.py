@@ -28,7 +28,9 @@ async def rows(db: asyncpg.Pool) -> list[asyncpg.Record]:
     return list(await db.fetch("SELECT * FROM plugin_runs ORDER BY executed_at"))
 
 
-async def test_job_runs_and_leaves_one_success_row(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str) -> None:
+async def test_job_runs_and_leaves_one_success_row(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
     """A job added with add_job runs once and leaves one success row with JobMetadata."""
     await register_echo(client)
     await start_worker(register_echo)
@@ -58,7 +60,9 @@ async def _count(db: asyncpg.Pool) -> int:
     return int(await db.fetchval("SELECT count(*) FROM plugin_runs"))
 
 
-async def test_kiq_enqueues_exactly_as_add_job(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str) -> None:
+async def test_kiq_enqueues_exactly_as_add_job(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
     """`await task.kiq(data, tenant_id=...)` on the registered task runs like add_job."""
     await register_echo(client)
     await start_worker(register_echo)
@@ -71,7 +75,9 @@ async def test_kiq_enqueues_exactly_as_add_job(client: JobScheduler, start_worke
     assert status.returnvalue["echo"] == {"via": "kiq"}
 
 
-async def test_finished_jobs_leave_redis_and_status_comes_from_postgres(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str, redis_client: Any) -> None:
+async def test_finished_jobs_leave_redis_and_status_comes_from_postgres(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str, redis_client: Any
+) -> None:
     """Once recorded in PostgreSQL a job's hash leaves Redis; its status is still answered."""
     await register_echo(client)
     await start_worker(register_echo)
@@ -80,7 +86,11 @@ async def test_finished_jobs_leave_redis_and_status_comes_from_postgres(client: 
     await wait_for(lambda: _gone(redis_client, client.broker.queue.keys.job(job_id)))
     status = await client.get_job_status("testp", "echo", job_id)
     assert status is not None
-    assert (status.state, status.returnvalue["echo"], status.progress) == ("completed", 7, {"pct": 100})
+    assert (status.state, status.returnvalue["echo"], status.progress) == (
+        "completed",
+        7,
+        {"pct": 100},
+    )
 
 
 async def _gone(redis_client: Any, key: str) -> bool:
@@ -97,7 +107,9 @@ async def test_status_waiting_then_unknown_ids(client: JobScheduler, tenant: str
     assert await client.get_job_status("testp", "other", job_id) is None
 
 
-async def test_delayed_job_reports_delayed_then_runs(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str) -> None:
+async def test_delayed_job_reports_delayed_then_runs(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
     """A job with a delay is `delayed` in Redis until due, then runs."""
     await register_echo(client)
     job_id = await client.add_job("testp", "echo", 1, {"delay": 1500}, tenant_id=tenant)
@@ -113,7 +125,9 @@ async def test_delayed_job_reports_delayed_then_runs(client: JobScheduler, start
     assert (row["executed_at"] - meta_ts).total_seconds() >= 1.4
 
 
-async def test_caller_job_id_is_accepted_once(client: JobScheduler, tenant: str, redis_client: Any) -> None:
+async def test_caller_job_id_is_accepted_once(
+    client: JobScheduler, tenant: str, redis_client: Any
+) -> None:
     """A second add_job with the same job id returns it and enqueues nothing."""
     await register_echo(client)
     first = await client.add_job("testp", "echo", 1, {"job_id": "order-42"}, tenant_id=tenant)
@@ -122,7 +136,9 @@ async def test_caller_job_id_is_accepted_once(client: JobScheduler, tenant: str,
     assert await redis_client.zcard(client.broker.queue.keys.wait) == 1
 
 
-async def test_priority_lower_number_first(client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str) -> None:
+async def test_priority_lower_number_first(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
     """Waiting jobs run lowest priority number first, FIFO within a priority."""
     order: list[Any] = []
 
@@ -156,7 +172,9 @@ async def test_priority_lower_number_first(client: JobScheduler, start_worker: A
         (None, {"job_id": "a b"}, "options.job_id"),
     ],
 )
-async def test_bad_input_is_refused_before_enqueue(client: JobScheduler, tenant: str, redis_client: Any, data: Any, options: Any, field: str) -> None:
+async def test_bad_input_is_refused_before_enqueue(
+    client: JobScheduler, tenant: str, redis_client: Any, data: Any, options: Any, field: str
+) -> None:
     """Bad data or options raise an error naming the field; nothing reaches Redis."""
     await register_echo(client)
     with pytest.raises(InvalidInputError) as caught:
@@ -165,7 +183,9 @@ async def test_bad_input_is_refused_before_enqueue(client: JobScheduler, tenant:
     assert await redis_client.zcard(client.broker.queue.keys.wait) == 0
 
 
-async def test_unknown_job_tenant_and_bad_ids(client: JobScheduler, tenant: str, db: asyncpg.Pool, redis_client: Any) -> None:
+async def test_unknown_job_tenant_and_bad_ids(
+    client: JobScheduler, tenant: str, db: asyncpg.Pool, redis_client: Any
+) -> None:
     """Unknown jobs, unknown or disabled tenants and malformed ids are refused by name."""
     await register_echo(client)
     with pytest.raises(UnknownJobError):
@@ -195,3 +215,30 @@ async def test_sync_handler_and_tenantless_cron_refused(client: JobScheduler) ->
     with pytest.raises(InvalidInputError) as caught:
         await client.register_job("testp", "c", echo, {"cron": "* * * * *"})
     assert caught.value.field == "tenant_id"
+
+
+async def test_handler_context_has_tenant_config(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """ctx.config inside a handler is the tenant's tenant_plugins.config for the plugin."""
+    await db.execute(
+        "UPDATE tenant_plugins SET config = '{\"retention_s\": 60}'::jsonb WHERE tenant_id = $1",
+        tenant,
+    )
+
+    async def show(ctx: Any, job: Any) -> Any:
+        return {
+            "config": ctx.config,
+            "db_tenant": await ctx.db.fetchval("SELECT current_setting('app.tenant_id')"),
+        }
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "show", show)
+
+    await setup(client)
+    await start_worker(setup)
+    job_id = await client.add_job("testp", "show", None, tenant_id=tenant)
+    await wait_for(lambda: _count(db))
+    status = await client.get_job_status("testp", "show", job_id)
+    assert status is not None
+    assert status.returnvalue == {"config": {"retention_s": 60}, "db_tenant": tenant}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 from drm_taskiq.cron import due_slots, next_slot, slots_to_fire
@@ -21,26 +22,43 @@ def test_six_fields_have_seconds_first() -> None:
 
 def test_time_zone_of_the_schedule() -> None:
     """A daily 09:00 job in Asia/Tokyo fires at 00:00 UTC."""
-    assert next_slot("0 9 * * *", "Asia/Tokyo", at("2026-06-01T12:00:00+00:00")) == at("2026-06-02T00:00:00+00:00")
+    assert next_slot("0 9 * * *", "Asia/Tokyo", at("2026-06-01T12:00:00+00:00")) == at(
+        "2026-06-02T00:00:00+00:00"
+    )
 
 
 def test_spring_forward_runs_once_after_the_gap() -> None:
     """02:30 Europe/Berlin on 2026-03-29 does not exist: it runs once, at 03:00 local."""
-    slots = due_slots("30 2 * * *", "Europe/Berlin", at("2026-03-28T12:00:00+00:00"), at("2026-03-30T12:00:00+00:00"))
+    slots = due_slots(
+        "30 2 * * *",
+        "Europe/Berlin",
+        at("2026-03-28T12:00:00+00:00"),
+        at("2026-03-30T12:00:00+00:00"),
+    )
     assert slots == [at("2026-03-29T03:00:00+02:00"), at("2026-03-30T02:30:00+02:00")]
 
 
 def test_fall_back_runs_once_at_the_first_occurrence() -> None:
     """02:30 Europe/Berlin happens twice on 2026-10-25: the job runs once, at the first."""
-    slots = due_slots("30 2 * * *", "Europe/Berlin", at("2026-10-24T12:00:00+00:00"), at("2026-10-26T12:00:00+00:00"))
+    slots = due_slots(
+        "30 2 * * *",
+        "Europe/Berlin",
+        at("2026-10-24T12:00:00+00:00"),
+        at("2026-10-26T12:00:00+00:00"),
+    )
     assert slots == [at("2026-10-25T02:30:00+02:00"), at("2026-10-26T02:30:00+01:00")]
 
 
 def test_hourly_jobs_follow_real_hours_across_fall_back() -> None:
     """A wildcard-hour job fires every real hour, including the repeated one."""
-    slots = due_slots("30 * * * *", "Europe/Berlin", at("2026-10-24T22:00:00+00:00"), at("2026-10-25T04:00:00+00:00"))
+    slots = due_slots(
+        "30 * * * *",
+        "Europe/Berlin",
+        at("2026-10-24T22:00:00+00:00"),
+        at("2026-10-25T04:00:00+00:00"),
+    )
     assert len(slots) == 6
-    assert all(b - a == timedelta(hours=1) for a, b in zip(slots, slots[1:], strict=False))
+    assert all(b - a == timedelta(hours=1) for a, b in itertools.pairwise(slots))
 
 
 def test_missed_slots_latest_and_skip() -> None:

@@ -21,7 +21,14 @@ from drm_taskiq.options import (
 
 def test_options_accept_a_plain_dict() -> None:
     """A dict with the specification's keys becomes JobOptions."""
-    opts = JobOptions.coerce({"cron": "0 * * * *", "attempts": 3, "backoff": {"type": "exponential", "delay": 1000}, "timeout": 300000})
+    opts = JobOptions.coerce(
+        {
+            "cron": "0 * * * *",
+            "attempts": 3,
+            "backoff": {"type": "exponential", "delay": 1000},
+            "timeout": 300000,
+        }
+    )
     assert opts.attempts == 3 and opts.backoff is not None and opts.backoff.delay == 1000
     assert opts.timeout == 300000 and opts.cron == "0 * * * *"
 
@@ -48,10 +55,14 @@ def test_bad_options_name_the_field(options: dict[str, object], field: str) -> N
 
 def test_labels_round_trip_to_retry_options() -> None:
     """Options become message labels and parse back (labels arrive as strings)."""
-    opts = JobOptions(attempts=4, backoff={"type": "exponential", "delay": 50, "jitter": 0.1}, timeout=1500)  # type: ignore[arg-type]
+    opts = JobOptions(
+        attempts=4, backoff={"type": "exponential", "delay": 50, "jitter": 0.1}, timeout=1500
+    )  # type: ignore[arg-type]
     labels = {key: str(value) for key, value in opts.labels(default_timeout_ms=9000).items()}
     parsed = RetryOptions.from_labels(labels)
-    assert parsed == RetryOptions(attempts=4, backoff_type="exponential", backoff_delay=50, backoff_jitter=0.1)
+    assert parsed == RetryOptions(
+        attempts=4, backoff_type="exponential", backoff_delay=50, backoff_jitter=0.1
+    )
     assert float(labels["timeout"]) == 1.5
     assert float(JobOptions().labels(default_timeout_ms=9000)["timeout"]) == 9.0
 
@@ -119,6 +130,18 @@ def test_job_metadata_uses_spec_keys() -> None:
     """JobMetadata serializes with the specification's camelCase keys."""
     from datetime import UTC, datetime
 
-    meta = JobMetadata(job_id="j", job_name="n", attempts_made=2, timestamp=datetime(2026, 1, 1, tzinfo=UTC), data={"k": 1})
+    meta = JobMetadata(
+        job_id="j",
+        job_name="n",
+        attempts_made=2,
+        timestamp=datetime(2026, 1, 1, tzinfo=UTC),
+        data={"k": 1},
+    )
     body = json.loads(meta.to_json())
-    assert body == {"jobId": "j", "jobName": "n", "attemptsMade": 2, "timestamp": "2026-01-01T00:00:00+00:00", "data": {"k": 1}}
+    assert body == {
+        "jobId": "j",
+        "jobName": "n",
+        "attemptsMade": 2,
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "data": {"k": 1},
+    }

@@ -34,7 +34,9 @@ def test_exponential_backoff_is_bullmq_formula() -> None:
 
 def test_backoff_upper_bound() -> None:
     """backoff_max caps the wait."""
-    options = RetryOptions(attempts=9, backoff_type="exponential", backoff_delay=1000, backoff_max=3000)
+    options = RetryOptions(
+        attempts=9, backoff_type="exponential", backoff_delay=1000, backoff_max=3000
+    )
     assert [backoff_delay(n, options) for n in (1, 2, 3, 4)] == [1000, 2000, 3000, 3000]
 
 
@@ -50,7 +52,11 @@ def test_decision_carries_delay_and_reason() -> None:
     """A retry decision carries the computed delay and the error description."""
     options = RetryOptions(attempts=3, backoff_type="exponential", backoff_delay=100)
     decision = decide(2, ValueError("bad"), options)
-    assert (decision.action, decision.delay_ms, decision.reason) == ("retry", 200, "ValueError: bad")
+    assert (decision.action, decision.delay_ms, decision.reason) == (
+        "retry",
+        200,
+        "ValueError: bad",
+    )
 
 
 def test_unrecoverable_errors_fail_at_once() -> None:

@@ -42,7 +42,9 @@ def test_defaults() -> None:
         ("DRM_KEY_PREFIX", "bad prefix{"),
     ],
 )
-def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+def test_invalid_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
     """An invalid value raises SettingsError naming the environment variable."""
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=name):

@@ -2,7 +2,7 @@
 -- KEYS: 1 job hash, 2 active, 3 wait, 4 delayed, 5 ledger stream, 6 marker, 7 dead list
 -- ARGV: 1 id, 2 token, 3 outcome (completed|retry|failed|requeue|dead), 4 now (ms),
 --       5 value (returnvalue JSON for completed, reason otherwise), 6 due (ms, retry only),
---       7 extra metadata JSON (merged into the ledger entry)
+--       7 extra metadata JSON (merged into the ledger entry), 8 start time of the attempt (ms)
 -- Returns 1 when settled, 0 when the lease was lost.
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 0 end
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
@@ -33,6 +33,7 @@ else
   redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[5], 'finished', ARGV[4])
   if outcome == 'dead' then redis.call('RPUSH', KEYS[7], ARGV[1]) end
 end
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'processed', ARGV[8]) end
 local f = redis.call('HMGET', KEYS[1], 'plugin', 'tenant', 'job', 'ts', 'processed', 'progress')
 local entry = {
   id = ARGV[1], plugin = f[1], tenant = f[2], job = f[3], ts = f[4],

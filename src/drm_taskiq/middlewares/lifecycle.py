@@ -127,7 +127,9 @@ class LifecycleMiddleware(TaskiqMiddleware):
             if decision.action == "retry":
                 due = int(time.time() * 1000) + decision.delay_ms
                 extra["retryDelayMs"] = decision.delay_ms
-                job_log.info("job_retry_scheduled", delay_ms=decision.delay_ms, next_attempt=attempt + 1)
+                job_log.info(
+                    "job_retry_scheduled", delay_ms=decision.delay_ms, next_attempt=attempt + 1
+                )
                 broker.set_outcome(
                     message.task_id, PendingOutcome("retry", value=reason, due_ms=due, extra=extra)
                 )

@@ -81,9 +81,7 @@ class ValidationMiddleware(TaskiqMiddleware):
         check_id(tenant_id, "tenant_id")
         unknown = set(message.kwargs) - {"tenant_id", "data"}
         if unknown or len(message.args) > 1:
-            raise InvalidInputError(
-                "kiq", "takes (data, tenant_id=...) only; got extra arguments"
-            )
+            raise InvalidInputError("kiq", "takes (data, tenant_id=...) only; got extra arguments")
         data = message.args[0] if message.args else message.kwargs.get("data")
         encode_payload(data, self.settings.max_payload_bytes)
         labels = message.labels

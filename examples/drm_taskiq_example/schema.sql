@@ -1,0 +1,17 @@
+-- Tables of the example plugin. Applied by on_load under an advisory lock; safe to re-run.
+
+CREATE TABLE IF NOT EXISTS example_activities (
+  activity_id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+  tenant_id   TEXT NOT NULL REFERENCES tenants(tenant_id) ON DELETE CASCADE,
+  source      TEXT NOT NULL,
+  payload     JSONB NOT NULL,
+  created_at  TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+
+-- cleanup-activities deletes by (tenant, age).
+CREATE INDEX IF NOT EXISTS idx_example_activities_tenant_created
+  ON example_activities(tenant_id, created_at);
+
+-- sync-activities checks whether a job's rows already exist, so that a re-run inserts nothing.
+CREATE INDEX IF NOT EXISTS idx_example_activities_tenant_job
+  ON example_activities(tenant_id, (payload->>'job_id'));
