@@ -134,16 +134,16 @@ class CronEngine:
         """Read plugin schedules from PostgreSQL and static ones from task labels."""
         found: dict[str, CronSchedule] = {}
         rows = await self.jobs.pool.fetch(
-            "SELECT schedule_id, tenant_id, plugin_id, job_name, cron, tz, options, data"
-            " FROM schedules"
+            "SELECT s.schedule_id, s.tenant_id, s.plugin_id, s.job_name, s.cron, s.tz, s.options,"
+            " s.data FROM schedules s JOIN tenant_plugins tp ON tp.tenant_id = s.tenant_id"
+            " AND tp.plugin_id = s.plugin_id AND tp.enabled"
         )
         for row in rows:
             options = json.loads(row["options"]) if row["options"] else {}
-            missed = options.pop("missed", "latest")
-            overlap = options.pop("overlap", "allow")
             try:
                 opts = JobOptions.coerce(options)
             except ValueError:
+                log.error("schedule_options_invalid", schedule_id=row["schedule_id"])
                 opts = JobOptions()
             found[row["schedule_id"]] = CronSchedule(
                 schedule_id=row["schedule_id"],
@@ -153,8 +153,8 @@ class CronEngine:
                 labels=opts.labels(self.broker.settings.default_timeout_ms),
                 args=[json.loads(row["data"])] if row["data"] else [],
                 kwargs={"tenant_id": row["tenant_id"]},
-                missed=missed,
-                overlap=overlap,
+                missed=opts.missed,
+                overlap=opts.overlap,
             )
         for schedule in await label_schedules(self.broker):
             found[schedule.schedule_id] = schedule
@@ -316,6 +316,7 @@ class DrmScheduler(TaskiqScheduler):
     async def startup(self) -> None:
         """Start the broker (which loads plugins), then the cron engine."""
         await super().startup()
+        await self.engine.jobs.prune_schedules()
         await self.engine.load()
         self._task = asyncio.create_task(self.engine.run(), name="drm-cron")
         log.info("scheduler_started", schedules=len(self.engine.schedules))

@@ -15,12 +15,18 @@ import asyncpg
 import structlog
 from taskiq import Context, TaskiqDepends
 
-from drm_taskiq import store
+from drm_taskiq import schedules, store
 from drm_taskiq.context import PluginContext, create_plugin_context
-from drm_taskiq.errors import DrmTaskiqError, InvalidInputError, UnknownJobError
+from drm_taskiq.errors import (
+    DrmTaskiqError,
+    InvalidInputError,
+    UnknownJobError,
+    UnrecoverableError,
+)
 from drm_taskiq.hooks import HookRegistry
 from drm_taskiq.options import (
     LABEL_DEDUP,
+    LABEL_PRIORITY,
     JobOptions,
     JobStatus,
     check_id,
@@ -30,6 +36,7 @@ from drm_taskiq.options import (
 )
 from drm_taskiq.plugins import Plugin, discover_plugins
 from drm_taskiq.redis_queue import RedisQueue
+from drm_taskiq.schedules import ScheduleInfo
 
 if TYPE_CHECKING:
     from drm_taskiq.queue_broker import DrmBroker
@@ -68,10 +75,6 @@ class JobDefinition:
     options: JobOptions
 
 
-def _schedule_id(tenant_id: str, plugin_id: str, job_name: str) -> str:
-    return f"{tenant_id}:{plugin_id}:{job_name}"
-
-
 class JobScheduler:
     """Registers plugin jobs as taskiq tasks and enqueues, inspects and schedules them."""
 
@@ -81,7 +84,8 @@ class JobScheduler:
         self.jobs: dict[tuple[str, str], JobDefinition] = {}
         self._plugins = plugins
         self.loaded_plugins: dict[str, Plugin] = {}
-        self._configs: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        self.plugin_load_errors: list[str] = []
+        self._configs: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -112,7 +116,11 @@ class JobScheduler:
         settings = self.broker.settings
         plugins = self._plugins
         if plugins is None:
-            plugins = discover_plugins(settings.plugins, use_entry_points=settings.entry_points)
+            plugins = discover_plugins(
+                settings.plugins,
+                use_entry_points=settings.entry_points,
+                errors=self.plugin_load_errors,
+            )
         for plugin in plugins:
             self.loaded_plugins[plugin.id] = plugin
             tenants = await store.fetch_enabled_tenants(self.pool, plugin.id)
@@ -128,34 +136,39 @@ class JobScheduler:
         plugin = self.loaded_plugins.get(plugin_id)
         if plugin is not None:
             await self._call_hook(plugin, tenant_id, "on_unload")
-        await self.pool.execute(
-            "DELETE FROM schedules WHERE tenant_id = $1 AND plugin_id = $2", tenant_id, plugin_id
-        )
+        await schedules.remove(self.pool, plugin_id, tenant_id=tenant_id)
 
-    async def tenant_config(self, tenant_id: str, plugin_id: str) -> dict[str, Any]:
-        """The plugin's configuration for the tenant (``tenant_plugins.config``), cached briefly."""
+    async def tenant_config(self, tenant_id: str, plugin_id: str) -> dict[str, Any] | None:
+        """The plugin's configuration for the tenant (``tenant_plugins.config``), cached briefly;
+        None when the tenant does not exist or does not have the plugin enabled."""
         key = (tenant_id, plugin_id)
         now = time.monotonic()
         hit = self._configs.get(key)
         if hit is not None and now - hit[0] < CONFIG_CACHE_S:
-            return dict(hit[1])
+            return None if hit[1] is None else dict(hit[1])
         raw = await self.pool.fetchval(
-            "SELECT config FROM tenant_plugins WHERE tenant_id = $1 AND plugin_id = $2",
+            "SELECT config FROM tenant_plugins WHERE tenant_id = $1 AND plugin_id = $2 AND enabled",
             tenant_id,
             plugin_id,
         )
-        config = json.loads(raw) if raw else {}
+        config = None if raw is None else json.loads(raw)
         if len(self._configs) > 10_000:
             self._configs.clear()
         self._configs[key] = (now, config)
-        return dict(config)
+        return None if config is None else dict(config)
+
+    def forget_cached(self) -> None:
+        """Drop cached tenant configs and tenant checks (they are otherwise reused for 5 s)."""
+        self._configs.clear()
+        if self.broker.gate is not None:
+            self.broker.gate.forget()
 
     async def _call_hook(self, plugin: Plugin, tenant_id: str, hook: str) -> None:
         function = plugin.on_load if hook == "on_load" else plugin.on_unload
         if function is None:
             return
         config = await self.tenant_config(tenant_id, plugin.id)
-        ctx = create_plugin_context(plugin.id, tenant_id, scheduler=self, config=config)
+        ctx = create_plugin_context(plugin.id, tenant_id, scheduler=self, config=config or {})
         try:
             await function(ctx)
         except Exception as exc:
@@ -196,26 +209,14 @@ class JobScheduler:
         )
         if opts.cron is not None and tenant_id is not None:
             check_id(tenant_id, "tenant_id")
-            await self.pool.execute(
-                "INSERT INTO schedules"
-                " (schedule_id, tenant_id, plugin_id, job_name, cron, tz, options)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)"
-                " ON CONFLICT (tenant_id, plugin_id, job_name) DO UPDATE SET cron = EXCLUDED.cron,"
-                " tz = EXCLUDED.tz, options = EXCLUDED.options, updated_at = NOW()",
-                _schedule_id(tenant_id, plugin_id, job_name),
-                tenant_id,
-                plugin_id,
-                job_name,
-                opts.cron,
-                opts.tz,
-                opts.model_dump_json(exclude={"cron", "tz", "job_id", "delay"}),
-            )
+            await schedules.upsert(self.pool, tenant_id, plugin_id, job_name, opts)
             log.info(
                 "schedule_registered",
                 plugin_id=plugin_id,
                 tenant_id=tenant_id,
                 job_name=job_name,
                 cron=opts.cron,
+                tz=opts.tz,
             )
 
     def _check_limits(self, opts: JobOptions) -> None:
@@ -234,18 +235,36 @@ class JobScheduler:
         check_id(plugin_id, "plugin_id")
         check_id(job_name, "job_name")
         if tenant_id is not None:
-            await self.pool.execute(
-                "DELETE FROM schedules WHERE tenant_id = $1 AND plugin_id = $2 AND job_name = $3",
-                tenant_id,
-                plugin_id,
-                job_name,
-            )
+            check_id(tenant_id, "tenant_id")
+            await schedules.remove(self.pool, plugin_id, job_name, tenant_id=tenant_id)
             return
-        await self.pool.execute(
-            "DELETE FROM schedules WHERE plugin_id = $1 AND job_name = $2", plugin_id, job_name
-        )
+        await schedules.remove(self.pool, plugin_id, job_name)
         self.jobs.pop((plugin_id, job_name), None)
         self.broker.local_task_registry.pop(task_name(plugin_id, job_name), None)
+
+    async def list_schedules(self, tenant_id: str, *, count: int = 5) -> list[ScheduleInfo]:
+        """The tenant's cron schedules with their next ``count`` fire times and last run."""
+        check_id(tenant_id, "tenant_id")
+        base = self.broker.queue.keys.base
+        return await schedules.list_for_tenant(
+            self.pool,
+            self.broker.redis,
+            tenant_id=tenant_id,
+            lastjob_key=f"{base}:cron:lastjob",
+            job_key=self.broker.queue.keys.job,
+            count=count,
+        )
+
+    async def prune_schedules(self) -> list[str]:
+        """Remove schedules of plugins that no longer exist or are disabled for their tenant.
+
+        When a plugin failed to load in this process, schedules of unknown plugins are only
+        reported (a broken deployment must not wipe schedules); disabled ones are still removed.
+        """
+        if self.plugin_load_errors:
+            log.warning("schedule_prune_limited", plugin_load_errors=self.plugin_load_errors)
+            return await schedules.prune(self.pool, None)
+        return await schedules.prune(self.pool, set(self.loaded_plugins))
 
     def _task_function(self, plugin_id: str, job_name: str) -> Callable[..., Awaitable[Any]]:
         scheduler = self
@@ -270,6 +289,12 @@ class JobScheduler:
                 _queue=scheduler.broker.queue,
             )
             config = await scheduler.tenant_config(tenant_id, plugin_id)
+            if config is None:
+                log.warning("job_refused", job_id=job_id, plugin_id=plugin_id, tenant_id=tenant_id)
+                raise UnrecoverableError(
+                    f"refused: tenant {tenant_id!r} does not exist or does not have plugin"
+                    f" {plugin_id!r} enabled"
+                )
             ctx = create_plugin_context(plugin_id, tenant_id, scheduler=scheduler, config=config)
             ctx.logger = ctx.logger.bind(job_id=job_id, attempt=job.attempts_made + 1)
             return await definition.handler(ctx, job)
@@ -341,18 +366,53 @@ class JobScheduler:
         )
         if row is None:
             return None
-        return JobStatus(
-            id=job_id,
-            state=row["state"],
-            attempts_made=row["attempts_made"],
-            progress=_loads(row["progress"]),
-            returnvalue=_loads(row["returnvalue"]),
-            failed_reason=row["failed_reason"],
-            finished_on=row["finished_at"],
-            plugin_id=row["plugin_id"],
-            tenant_id=row["tenant_id"],
-            job_name=row["job_name"],
+        return _status_from_row(row)
+
+    async def retry_job(
+        self, plugin_id: str, job_name: str, job_id: str, *, tenant_id: str | None = None
+    ) -> bool:
+        """Run a failed job again (a new generation of attempts); False if it is not failed."""
+        status = await self.get_job_status(plugin_id, job_name, job_id, tenant_id=tenant_id)
+        if status is None or status.state != "failed":
+            return False
+        row = await self.pool.fetchrow(
+            "SELECT message, tenant_id, generation FROM jobs WHERE job_id = $1", job_id
         )
+        message = row["message"] if row is not None else None
+        fields = {
+            "name": task_name(plugin_id, job_name),
+            "plugin": plugin_id,
+            "job": job_name,
+            "tenant": status.tenant_id or "",
+            "ts": str(int(time.time() * 1000)),
+            "pri": "0",
+            "gen": str((row["generation"] if row is not None else 0) + 1),
+        }
+        if message is not None:
+            try:
+                labels = json.loads(message).get("labels", {})
+                fields["pri"] = str(int(labels.get(LABEL_PRIORITY, 0)))
+            except (ValueError, TypeError, AttributeError):
+                pass
+        done = await self.broker.queue.retry_failed(job_id, message or "", fields)
+        if done:
+            log.info("job_retried", job_id=job_id, plugin_id=plugin_id, tenant_id=status.tenant_id)
+        return done
+
+    async def list_failed(
+        self, plugin_id: str, *, tenant_id: str, limit: int = 100
+    ) -> list[JobStatus]:
+        """The plugin's failed jobs for a tenant, newest first."""
+        check_id(plugin_id, "plugin_id")
+        check_id(tenant_id, "tenant_id")
+        rows = await self.pool.fetch(
+            "SELECT * FROM jobs WHERE tenant_id = $1 AND plugin_id = $2 AND state = 'failed'"
+            " ORDER BY finished_at DESC LIMIT $3",
+            tenant_id,
+            plugin_id,
+            limit,
+        )
+        return [_status_from_row(row) for row in rows]
 
 
 def _loads(value: str | None) -> Any:
@@ -362,6 +422,21 @@ def _loads(value: str | None) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+def _status_from_row(row: asyncpg.Record) -> JobStatus:
+    return JobStatus(
+        id=row["job_id"],
+        state=row["state"],
+        attempts_made=row["attempts_made"],
+        progress=_loads(row["progress"]),
+        returnvalue=_loads(row["returnvalue"]),
+        failed_reason=row["failed_reason"],
+        finished_on=row["finished_at"],
+        plugin_id=row["plugin_id"],
+        tenant_id=row["tenant_id"],
+        job_name=row["job_name"],
+    )
 
 
 def _status_from_hash(job_id: str, raw: dict[str, str]) -> JobStatus:
@@ -421,6 +496,18 @@ class TenantScheduler:
         return await self.scheduler.get_job_status(
             plugin_id, job_name, job_id, tenant_id=self.tenant_id
         )
+
+    async def retry_job(self, plugin_id: str, job_name: str, job_id: str) -> bool:
+        """Run one of this tenant's failed jobs again."""
+        return await self.scheduler.retry_job(plugin_id, job_name, job_id, tenant_id=self.tenant_id)
+
+    async def list_failed(self, plugin_id: str, *, limit: int = 100) -> list[JobStatus]:
+        """This tenant's failed jobs of the plugin, newest first."""
+        return await self.scheduler.list_failed(plugin_id, tenant_id=self.tenant_id, limit=limit)
+
+    async def list_schedules(self, *, count: int = 5) -> list[ScheduleInfo]:
+        """This tenant's cron schedules with their next fire times."""
+        return await self.scheduler.list_schedules(self.tenant_id, count=count)
 
 
 _global: JobScheduler | None = None

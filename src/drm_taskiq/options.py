@@ -112,7 +112,12 @@ class Backoff(BaseModel):
 
 
 class JobOptions(BaseModel):
-    """Options of a job, with the specification's meanings. Times are in milliseconds."""
+    """Options of a job, with the specification's meanings. Times are in milliseconds.
+
+    ``missed`` and ``overlap`` apply to cron jobs: after downtime run the ``latest`` missed slot
+    once or ``skip`` missed slots; ``allow`` overlapping runs or ``skip`` a slot while the previous
+    run of the schedule is still waiting or active.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -124,6 +129,8 @@ class JobOptions(BaseModel):
     timeout: int | None = Field(default=None, ge=1)
     delay: int = Field(default=0, ge=0, le=365 * 24 * 3600 * 1000)
     job_id: str | None = None
+    missed: Literal["latest", "skip"] = "latest"
+    overlap: Literal["allow", "skip"] = "allow"
 
     @field_validator("cron")
     @classmethod

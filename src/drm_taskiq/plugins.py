@@ -68,8 +68,17 @@ def load_object(spec: str) -> Plugin:
     return value
 
 
-def discover_plugins(specs: tuple[str, ...] = (), *, use_entry_points: bool = True) -> list[Plugin]:
-    """Plugins from the entry-point group and from ``specs``; one per id (settings win)."""
+def discover_plugins(
+    specs: tuple[str, ...] = (),
+    *,
+    use_entry_points: bool = True,
+    errors: list[str] | None = None,
+) -> list[Plugin]:
+    """Plugins from the entry-point group and from ``specs``; one per id (settings win).
+
+    An entry point that fails to load is logged and skipped (its name is appended to ``errors``);
+    a plugin named in ``specs`` that fails to load raises :class:`PluginLoadError`.
+    """
     found: dict[str, Plugin] = {}
     if use_entry_points:
         for entry in entry_points(group=ENTRY_POINT_GROUP):
@@ -77,11 +86,15 @@ def discover_plugins(specs: tuple[str, ...] = (), *, use_entry_points: bool = Tr
                 plugin = entry.load()
             except Exception as exc:
                 log.error("plugin_load_failed", entry_point=entry.name, error=repr(exc))
+                if errors is not None:
+                    errors.append(entry.name)
                 continue
             if isinstance(plugin, Plugin):
                 found[plugin.id] = plugin
             else:
                 log.error("plugin_load_failed", entry_point=entry.name, error="not a Plugin")
+                if errors is not None:
+                    errors.append(entry.name)
     for spec in specs:
         plugin = load_object(spec)
         found[plugin.id] = plugin

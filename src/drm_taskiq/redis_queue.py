@@ -18,7 +18,7 @@ from redis.commands.core import AsyncScript
 Outcome = Literal["completed", "retry", "failed", "requeue", "dead"]
 
 LEDGER_GROUP = "ledger"
-_SCRIPTS = ("enqueue", "take", "finish", "extend", "stalled", "settle")
+_SCRIPTS = ("enqueue", "take", "finish", "extend", "stalled", "settle", "retry")
 
 
 def now_ms() -> int:
@@ -213,6 +213,17 @@ class RedisQueue:
             keys=[self.keys.ledger],
             args=[LEDGER_GROUP, self.keys.job_prefix, retention_ms, *flat],
         )
+
+    async def retry_failed(self, job_id: str, message: str, fields: dict[str, str]) -> bool:
+        """Put a failed job back in waiting as a new generation; False if it is not failed."""
+        k = self.keys
+        flat: list[str] = []
+        for key, value in fields.items():
+            flat.extend((key, value))
+        done = await self._scripts["retry"](
+            keys=[k.job(job_id), k.wait, k.seq, k.marker], args=[job_id, message, *flat]
+        )
+        return bool(done)
 
     async def wait_for_work(self, timeout_s: float) -> None:
         """Block until a job may be ready (a marker arrives) or ``timeout_s`` passes."""

@@ -43,18 +43,20 @@ ON CONFLICT (plugin_run_id) DO NOTHING
 
 _UPSERT_JOBS = """
 INSERT INTO jobs (job_id, queue, plugin_id, tenant_id, job_name, state, attempts_made, progress,
-                  returnvalue, failed_reason, created_at, finished_at)
+                  returnvalue, failed_reason, created_at, finished_at, message, generation)
 SELECT j.job_id, $1, j.plugin_id, j.tenant_id, j.job_name, j.state, j.attempts, j.progress::jsonb,
-       j.rv::jsonb, j.reason, j.created, j.finished
+       j.rv::jsonb, j.reason, j.created, j.finished, j.message, j.generation
 FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::text[],
-            $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[])
+            $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::text[],
+            $14::int[])
   AS j(job_id, plugin_id, tenant_id, job_name, state, attempts, progress, rv, reason, created,
-       finished)
+       finished, message, generation)
 WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = j.tenant_id)
 ON CONFLICT (job_id) DO UPDATE SET
   state = EXCLUDED.state, attempts_made = EXCLUDED.attempts_made, progress = EXCLUDED.progress,
   returnvalue = EXCLUDED.returnvalue, failed_reason = EXCLUDED.failed_reason,
-  finished_at = EXCLUDED.finished_at
+  finished_at = EXCLUDED.finished_at, message = EXCLUDED.message, generation = EXCLUDED.generation
+WHERE jobs.generation <= EXCLUDED.generation
 """
 
 _UPSERT_RESULTS = """
@@ -64,9 +66,13 @@ ON CONFLICT (task_id) DO UPDATE SET result = EXCLUDED.result
 """
 
 
-def run_id(job_id: str, attempt: int) -> uuid.UUID:
-    """The ``plugin_run_id`` of one attempt: the same attempt always gets the same id."""
-    return uuid.uuid5(RUN_NAMESPACE, f"{job_id}:{attempt}")
+def run_id(job_id: str, attempt: int, generation: int = 0) -> uuid.UUID:
+    """The ``plugin_run_id`` of one attempt: the same attempt always gets the same id.
+
+    ``generation`` counts manual retries of a failed job (each starts its attempts at 1 again).
+    """
+    key = f"{job_id}:{attempt}" if generation == 0 else f"{job_id}:{generation}:{attempt}"
+    return uuid.uuid5(RUN_NAMESPACE, key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,8 @@ class LedgerEntry:
     at: datetime
     at_ms: str
     extra: dict[str, Any]
+    generation: int = 0
+    message: str | None = None
 
     @classmethod
     def parse(cls, entry_id: str, raw: str) -> LedgerEntry:
@@ -116,11 +124,15 @@ class LedgerEntry:
             at=at,
             at_ms=str(body["at"]),
             extra=json.loads(extra) if isinstance(extra, str) else dict(extra),
+            generation=int(body.get("gen") or 0),
+            message=body["msg"] if isinstance(body.get("msg"), str) else None,
         )
 
     def metadata(self) -> JobMetadata:
         """The JobMetadata stored in ``plugin_runs.result``."""
         extra: dict[str, Any] = {"attempt": self.attempt, "state": self.state}
+        if self.generation:
+            extra["generation"] = self.generation
         if self.started is not None:
             extra["startedAt"] = self.started.isoformat()
             extra["durationMs"] = int((self.at - self.started).total_seconds() * 1000)
@@ -155,7 +167,7 @@ async def write_entries(
         if runs:
             await conn.execute(
                 _INSERT_RUNS,
-                [run_id(e.job_id, e.attempt) for e in runs],
+                [run_id(e.job_id, e.attempt, e.generation) for e in runs],
                 [e.plugin_id for e in runs],
                 [e.tenant_id for e in runs],
                 [f"job:{e.job_name}" for e in runs],
@@ -179,6 +191,8 @@ async def write_entries(
                 [e.value if e.state == "failed" else None for e in finals],
                 [e.created for e in finals],
                 [e.at for e in finals],
+                [e.message if e.state == "failed" else None for e in finals],
+                [e.generation for e in finals],
             )
             await conn.execute(
                 _UPSERT_RESULTS,

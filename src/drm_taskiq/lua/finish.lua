@@ -34,12 +34,14 @@ else
   if outcome == 'dead' then redis.call('RPUSH', KEYS[7], ARGV[1]) end
 end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'processed', ARGV[8]) end
-local f = redis.call('HMGET', KEYS[1], 'plugin', 'tenant', 'job', 'ts', 'processed', 'progress')
+local f = redis.call('HMGET', KEYS[1], 'plugin', 'tenant', 'job', 'ts', 'processed', 'progress',
+  'gen', 'msg')
 local entry = {
   id = ARGV[1], plugin = f[1], tenant = f[2], job = f[3], ts = f[4],
   started = f[5], at = ARGV[4], attempt = attempts, status = status,
   state = redis.call('HGET', KEYS[1], 'state'), final = final, outcome = outcome,
-  value = ARGV[5], progress = f[6], extra = ARGV[7]
+  value = ARGV[5], progress = f[6], extra = ARGV[7], gen = tonumber(f[7] or '0')
 }
+if final == 1 and status == 'error' then entry['msg'] = f[8] end
 redis.call('XADD', KEYS[5], '*', 'e', cjson.encode(entry))
 return 1

@@ -18,12 +18,13 @@ for _, id in ipairs(ids) do
       local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
       local reason = 'job stalled more than allowable limit'
       redis.call('HSET', jk, 'state', 'failed', 'reason', reason, 'finished', ARGV[1])
-      local f = redis.call('HMGET', jk, 'plugin', 'tenant', 'job', 'ts', 'processed', 'progress')
+      local f = redis.call('HMGET', jk, 'plugin', 'tenant', 'job', 'ts', 'processed', 'progress',
+        'gen', 'msg')
       local entry = {
         id = id, plugin = f[1], tenant = f[2], job = f[3], ts = f[4],
         started = f[5], at = ARGV[1], attempt = attempts, status = 'error',
         state = 'failed', final = 1, outcome = 'stalled', value = reason,
-        progress = f[6], extra = '{}'
+        progress = f[6], extra = '{}', gen = tonumber(f[7] or '0'), msg = f[8]
       }
       redis.call('XADD', KEYS[4], '*', 'e', cjson.encode(entry))
       failed[#failed + 1] = id

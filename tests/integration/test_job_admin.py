@@ -1,0 +1,157 @@
+"""Failed-job administration, schedule introspection and pruning, refused jobs."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from drm_taskiq import JobScheduler, define_plugin
+from drm_taskiq.cron import CronEngine
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.asyncio
+
+calls: dict[str, int] = {}
+
+
+async def fails_until_fixed(ctx: Any, job: Any) -> str:
+    calls[job.id] = calls.get(job.id, 0) + 1
+    if not ctx.config.get("fixed"):
+        raise RuntimeError("not fixed yet")
+    return "fixed"
+
+
+async def setup(s: JobScheduler) -> None:
+    await s.register_job("testp", "fix", fails_until_fixed, {"attempts": 2})
+
+
+async def test_failed_jobs_listed_and_retried(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A failed job stays queryable, is listed, and retry_job runs it again to completion."""
+    await setup(client)
+    worker = await start_worker(setup)
+    job_id = await client.add_job("testp", "fix", {"k": 1}, {"priority": 3}, tenant_id=tenant)
+    await wait_for(lambda: db.fetchval("SELECT count(*) FROM jobs WHERE state = 'failed'"))
+    failed = await client.list_failed("testp", tenant_id=tenant)
+    assert [f.id for f in failed] == [job_id]
+    assert failed[0].attempts_made == 2
+    assert failed[0].failed_reason == "RuntimeError: not fixed yet"
+    assert await client.list_failed("testp", tenant_id="other") == []
+    await db.execute("UPDATE tenant_plugins SET config = '{\"fixed\": true}'")
+    worker.scheduler.forget_cached()
+    await client.for_tenant(tenant).retry_job("testp", "fix", job_id)
+    await wait_for(
+        lambda: db.fetchval("SELECT state = 'completed' FROM jobs WHERE job_id = $1", job_id)
+    )
+    status = await client.get_job_status("testp", "fix", job_id)
+    assert status is not None
+    assert (status.state, status.returnvalue) == ("completed", "fixed")
+    runs = await db.fetch("SELECT status, result FROM plugin_runs ORDER BY executed_at")
+    assert [r["status"] for r in runs] == ["error", "error", "success"]
+    last = json.loads(runs[-1]["result"])
+    assert (last["attempt"], last["generation"]) == (1, 1)
+    assert await client.list_failed("testp", tenant_id=tenant) == []
+    assert not await client.retry_job("testp", "fix", job_id)
+
+
+async def test_jobs_of_disabled_plugin_are_refused(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A job whose plugin was disabled for the tenant after enqueueing is refused, not run."""
+    ran: list[str] = []
+
+    async def handler(ctx: Any, job: Any) -> None:
+        ran.append(job.id)
+
+    async def register(s: JobScheduler) -> None:
+        await s.register_job("testp", "h", handler, {"attempts": 3})
+
+    await register(client)
+    job_id = await client.add_job("testp", "h", None, tenant_id=tenant)
+    await db.execute("UPDATE tenant_plugins SET enabled = FALSE")
+    await start_worker(register)
+    await wait_for(lambda: db.fetchval("SELECT count(*) FROM jobs"))
+    status = await client.get_job_status("testp", "h", job_id)
+    assert status is not None
+    assert status.state == "failed"
+    assert status.attempts_made == 1
+    assert "refused" in (status.failed_reason or "")
+    assert ran == []
+
+
+async def noop(ctx: Any, job: Any) -> None:
+    return None
+
+
+async def test_list_schedules_with_next_runs_and_last_status(
+    client: JobScheduler, tenant: str, start_worker: Any, db: asyncpg.Pool
+) -> None:
+    """list_schedules shows next fire times in the schedule's zone, last fire and its status."""
+    scoped = client.for_tenant(tenant)
+    await scoped.register_job("testp", "hourly", noop, {"cron": "0 9 * * *", "tz": "Asia/Tokyo"})
+    [info] = await scoped.list_schedules(count=3)
+    assert info.cron == "0 9 * * *"
+    assert len(info.next_runs) == 3
+    assert all(run.astimezone(UTC).hour == 0 for run in info.next_runs)
+    assert info.next_runs[1] - info.next_runs[0] == timedelta(days=1)
+    assert (info.last_fired, info.last_status) == (None, None)
+
+    engine = CronEngine(client.broker, client)
+    now = datetime.now(UTC)
+    await engine.tick(now - timedelta(days=2))
+    await engine.tick(now)
+    [info] = await scoped.list_schedules()
+    assert info.last_fired is not None
+    assert info.last_status == "waiting"
+    await start_worker(lambda s: s.register_job("testp", "hourly", noop))
+    await wait_for(lambda: db.fetchval("SELECT count(*) FROM jobs"))
+    [info] = await scoped.list_schedules()
+    assert info.last_status == "completed"
+
+
+async def test_prune_removes_orphaned_and_disabled_schedules(
+    client: JobScheduler, db: asyncpg.Pool, tenant: str
+) -> None:
+    """Schedules of vanished plugins or disabled tenants are removed at scheduler start-up."""
+    from drm_taskiq import store
+
+    await store.ensure_tenant(db, "other", plugins={"testp": {}, "gone": {}})
+    await client.for_tenant(tenant).register_job("testp", "a", noop, {"cron": "* * * * *"})
+    await client.for_tenant("other").register_job("testp", "a", noop, {"cron": "* * * * *"})
+    await client.for_tenant("other").register_job("gone", "b", noop, {"cron": "* * * * *"})
+    await db.execute("UPDATE tenant_plugins SET enabled = FALSE WHERE tenant_id = 'other'")
+    client.loaded_plugins["testp"] = define_plugin(id="testp", name="t", version="1")
+    pruned = await client.prune_schedules()
+    assert sorted(pruned) == ["other:gone:b", "other:testp:a"]
+    assert await db.fetchval("SELECT array_agg(schedule_id) FROM schedules") == [
+        f"{tenant}:testp:a"
+    ]
+
+
+async def test_prune_keeps_unknown_plugins_when_a_plugin_failed_to_load(
+    client: JobScheduler, db: asyncpg.Pool, tenant: str
+) -> None:
+    """If a plugin failed to load, schedules of unknown plugins are reported, not deleted."""
+    await client.for_tenant(tenant).register_job("testp", "a", noop, {"cron": "* * * * *"})
+    client.plugin_load_errors.append("broken")
+    assert await client.prune_schedules() == []
+    assert await db.fetchval("SELECT count(*) FROM schedules") == 1
+
+
+async def test_overlap_skip_skips_while_previous_run_waits(
+    client: JobScheduler, tenant: str, redis_client: Any
+) -> None:
+    """With overlap=skip a slot is skipped while the previous run is still waiting."""
+    await client.for_tenant(tenant).register_job(
+        "testp", "o", noop, {"cron": "* * * * * *", "overlap": "skip"}
+    )
+    engine = CronEngine(client.broker, client)
+    base = datetime(2030, 1, 1, tzinfo=UTC)
+    for step in range(5):
+        await engine.tick(base + timedelta(seconds=step, milliseconds=10))
+    assert await redis_client.zcard(client.broker.queue.keys.wait) == 1
