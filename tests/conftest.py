@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -99,9 +98,12 @@ class WorkerHandle:
     async def stop(self) -> None:
         self.finish.set()
         if self.task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.task, timeout=30)
-        await self.broker.shutdown()
+            done, _ = await asyncio.wait({self.task}, timeout=30)
+            if not done:
+                for task in asyncio.all_tasks():
+                    task.print_stack(limit=4)
+                raise AssertionError("the in-process worker did not stop within 30 s")
+        await asyncio.wait_for(self.broker.shutdown(), timeout=30)
 
 
 @pytest.fixture

@@ -12,10 +12,11 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import structlog
 from croniter import croniter
 from redis.exceptions import RedisError
@@ -106,12 +107,13 @@ def due_slots(
 
 
 def slots_to_fire(slots: list[datetime], now: datetime, missed: MissedPolicy) -> list[datetime]:
-    """Which due slots to fire: on-time ones, plus (policy ``latest``) the newest missed one."""
+    """Which due slots to fire: every on-time one (at most ``ON_TIME_S`` late); when none is on
+    time, the newest missed one under policy ``latest`` and nothing under ``skip``."""
     if not slots:
         return []
     on_time = [s for s in slots if (now - s).total_seconds() <= ON_TIME_S]
     if on_time:
-        return on_time[-1:]
+        return on_time
     return slots[-1:] if missed == "latest" else []
 
 
@@ -185,24 +187,51 @@ class CronEngine:
         return datetime.fromtimestamp(int(raw or 0) / 1000, tz=UTC)
 
     async def tick(self, now: datetime | None = None) -> int:
-        """Fire every due slot; returns how many jobs were enqueued (or found already there)."""
+        """Fire every due slot; returns how many jobs were enqueued (or found already there).
+
+        A failure to reload keeps the schedules already known; a failure of one schedule (a bad
+        expression, a failed enqueue) is logged and does not stop the others. A slot whose
+        enqueue failed is not marked fired, so the next tick tries it again.
+        """
         now = now or datetime.now(UTC)
         if time.monotonic() - self._loaded_at >= self.broker.settings.schedule_poll_s:
-            await self.load()
+            try:
+                await self.load()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._loaded_at = time.monotonic()
+                log.warning("schedules_reload_failed", error=f"{type(exc).__name__}: {exc}")
         fired = 0
-        for schedule_id, schedule in self.schedules.items():
+        for schedule_id, schedule in list(self.schedules.items()):
             nxt = self._next.get(schedule_id)
             if nxt is not None and nxt > now:
                 continue
-            last = await self._last_fired(schedule_id, now)
-            slots = due_slots(schedule.cron, schedule.tz, last, now)
-            for slot in slots_to_fire(slots, now, schedule.missed):
-                if await self._fire(schedule, slot):
-                    fired += 1
-            newest = slots[-1] if slots else last
-            if slots:
-                await self._advance(schedule_id, newest)
-            self._next[schedule_id] = next_slot(schedule.cron, schedule.tz, max(newest, last))
+            try:
+                fired += await self._tick_one(schedule, now)
+            except RedisError:
+                raise
+            except Exception as exc:
+                log.error(
+                    "schedule_tick_failed",
+                    schedule_id=schedule_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                self._next[schedule_id] = now + timedelta(seconds=5)
+        return fired
+
+    async def _tick_one(self, schedule: CronSchedule, now: datetime) -> int:
+        schedule_id = schedule.schedule_id
+        last = await self._last_fired(schedule_id, now)
+        slots = due_slots(schedule.cron, schedule.tz, last, now)
+        fired = 0
+        for slot in slots_to_fire(slots, now, schedule.missed):
+            if not await self._fire(schedule, slot):
+                self._next[schedule_id] = now + timedelta(seconds=1)
+                return fired
+            fired += 1
+        newest = slots[-1] if slots else last
+        if slots:
+            await self._advance(schedule_id, newest)
+        self._next[schedule_id] = next_slot(schedule.cron, schedule.tz, max(newest, last))
         return fired
 
     async def _advance(self, schedule_id: str, slot: datetime) -> None:

@@ -43,9 +43,5 @@ class JobTimeoutError(DrmTaskiqError, TimeoutError):
     """The job ran longer than its timeout."""
 
 
-class LeaseLostError(DrmTaskiqError):
-    """The worker no longer holds this job's lease (it stalled and went back to the queue)."""
-
-
 class RedisUnavailableError(DrmTaskiqError, ConnectionError):
     """Redis stayed unreachable longer than the configured limit."""

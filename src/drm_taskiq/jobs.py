@@ -146,11 +146,19 @@ class JobScheduler:
         hit = self._configs.get(key)
         if hit is not None and now - hit[0] < CONFIG_CACHE_S:
             return None if hit[1] is None else dict(hit[1])
-        raw = await self.pool.fetchval(
-            "SELECT config FROM tenant_plugins WHERE tenant_id = $1 AND plugin_id = $2 AND enabled",
-            tenant_id,
-            plugin_id,
-        )
+        try:
+            raw = await self.pool.fetchval(
+                "SELECT config FROM tenant_plugins"
+                " WHERE tenant_id = $1 AND plugin_id = $2 AND enabled",
+                tenant_id,
+                plugin_id,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if hit is None:
+                raise
+            # PostgreSQL is away: keep using what we knew rather than failing every job.
+            log.warning("tenant_config_stale", tenant_id=tenant_id, error=repr(exc))
+            return None if hit[1] is None else dict(hit[1])
         config = None if raw is None else json.loads(raw)
         if len(self._configs) > 10_000:
             self._configs.clear()
@@ -173,7 +181,11 @@ class JobScheduler:
             await function(ctx)
         except Exception as exc:
             log.error(
-                f"plugin_{hook}_failed", plugin_id=plugin.id, tenant_id=tenant_id, error=repr(exc)
+                "plugin_hook_failed",
+                hook=hook,
+                plugin_id=plugin.id,
+                tenant_id=tenant_id,
+                error=repr(exc),
             )
 
     # ------------------------------------------------------------------ registration
@@ -379,6 +391,9 @@ class JobScheduler:
             "SELECT message, tenant_id, generation FROM jobs WHERE job_id = $1", job_id
         )
         message = row["message"] if row is not None else None
+        if message is None and await self.broker.queue.job(job_id) is None:
+            log.warning("job_retry_impossible", job_id=job_id, reason="message not kept")
+            return False
         fields = {
             "name": task_name(plugin_id, job_name),
             "plugin": plugin_id,

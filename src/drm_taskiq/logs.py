@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
 import structlog
 
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+_QUERY_SECRET = re.compile(
+    r"(?P<head>(?:^|[?&;\s])(?:password|passwd|pwd|secret|token)=)[^&\s]+", re.IGNORECASE
+)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with URL passwords and ``password=...`` values replaced by ``***``."""
+    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    return _QUERY_SECRET.sub(r"\g<head>***", text)
+
 
 def _drop_secrets(
     _: Any, __: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
-    from drm_taskiq.settings import mask_url  # noqa: PLC0415  (logs sits below settings' users)
-
     for key, value in list(event_dict.items()):
-        if isinstance(value, str) and "://" in value and "@" in value:
-            event_dict[key] = mask_url(value)
+        if isinstance(value, str) and ("://" in value or "=" in value):
+            event_dict[key] = mask_secrets(value)
     return event_dict
 
 

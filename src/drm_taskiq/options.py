@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from drm_taskiq.errors import InvalidInputError
 
-MAX_PRIORITY = 2**21  # as in BullMQ: priorities 0 (highest) .. 2_097_152 (lowest)
+# Priorities 0 (highest) .. 2**21 - 1 (lowest). The wait set's score is priority * 2**32 + seq,
+# which must stay below 2**53 to be exact in a double (BullMQ allows 2**21 itself).
+MAX_PRIORITY = 2**21 - 1
 
 # Label keys. Values on a message are strings; parse them with the helpers below.
 LABEL_TENANT = "tenant_id"

@@ -86,6 +86,7 @@ class DrmBroker(ListQueueBroker):
         self._background: list[asyncio.Task[None]] = []
         self._started_up = False
         self._take_counter = 0
+        self.duplicates: set[str] = set()  # ids kicked this instant that already existed
 
     # ----------------------------------------------------------------- life cycle
     async def startup(self) -> None:
@@ -139,7 +140,7 @@ class DrmBroker(ListQueueBroker):
         for task in self._background:
             if task.get_name() == "drm-ledger":
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(task, timeout=10)
+                    await asyncio.wait_for(task, timeout=4)
             else:
                 task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -156,13 +157,12 @@ class DrmBroker(ListQueueBroker):
     async def kick(self, message: BrokerMessage) -> None:
         """Add the message as a job (idempotent when the job id already exists)."""
         labels = message.labels
-        dedup = str(labels.get(LABEL_DEDUP, "")) in ("1", "True", "true")
         created, state = await self.queue.enqueue(
             message.task_id,
             message.message,
             priority=label_int(labels, LABEL_PRIORITY),
             delay_ms=label_int(labels, LABEL_DELAY),
-            dedup_ttl_ms=self.settings.dedup_ttl_s * 1000 if dedup else 0,
+            dedup_ttl_ms=self._dedup_ttl_ms(labels.get(LABEL_DEDUP)),
             fields={
                 "name": message.task_name,
                 "plugin": str(labels.get(LABEL_PLUGIN, "")),
@@ -171,7 +171,20 @@ class DrmBroker(ListQueueBroker):
             },
         )
         if not created:
+            self.duplicates.add(message.task_id)
             log.info("job_duplicate_ignored", job_id=message.task_id, state=state)
+
+    def _dedup_ttl_ms(self, label: Any) -> int:
+        """The ``dedup`` label: absent = no dedup key; "1"/"true" = the configured window;
+        an integer above 1 = that many seconds."""
+        if label is None or label == "" or str(label).lower() in ("0", "false"):
+            return 0
+        if str(label).lower() in ("1", "true"):
+            return self.settings.dedup_ttl_s * 1000
+        try:
+            return max(int(float(str(label))), 1) * 1000
+        except ValueError:
+            return self.settings.dedup_ttl_s * 1000
 
     async def _tenant_lookup(self, tenant_id: str, plugin_id: str) -> bool | None:
         if self.pool is None:
@@ -202,6 +215,7 @@ class DrmBroker(ListQueueBroker):
         limit = self.settings.worker_concurrency
         try:
             while not self._closing:
+                _raise_if_cancelled()
                 if not buffer:
                     free = limit - len(self._held)
                     if free <= 0:
@@ -220,13 +234,19 @@ class DrmBroker(ListQueueBroker):
                             log.critical(
                                 "redis_unavailable_giving_up",
                                 seconds=round(now - outage_since, 1),
-                                error=repr(exc),
+                                error=_describe(exc),
+                                redis=mask_url(self.settings.redis_url),
                             )
                             raise RedisUnavailableError(
                                 f"Redis unreachable for {now - outage_since:.0f} s"
                             ) from exc
                         if failures == 1 or failures % 10 == 0:
-                            log.warning("redis_unavailable", error=repr(exc), failures=failures)
+                            log.warning(
+                                "redis_unavailable",
+                                error=_describe(exc),
+                                redis=mask_url(self.settings.redis_url),
+                                failures=failures,
+                            )
                         await asyncio.sleep(min(0.05 * 2**failures, 2.0))
                         continue
                     if outage_since is not None:
@@ -271,6 +291,8 @@ class DrmBroker(ListQueueBroker):
 
     async def _ack(self, delivery: Delivery) -> None:
         """taskiq's acknowledgement: apply the attempt's outcome atomically in Redis."""
+        if delivery.job_id not in self._held:
+            return  # given back at shutdown: the job is already waiting again
         pending = self._outcomes.pop(delivery.job_id, None)
         if pending is None:
             pending = PendingOutcome(
@@ -393,3 +415,17 @@ class DrmBroker(ListQueueBroker):
             if task is not None and not task.done():
                 log.warning("job_interrupted", job_id=job_id)
                 task.cancel()
+
+
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library swallowed (redis-py can turn a cancellation that
+    races its own read timeout into a retried timeout on Python 3.11), so shutdown never hangs."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    text = f"{type(exc).__name__}: {exc}"
+    return f"{text} ({type(cause).__name__}: {cause})" if cause is not None else text

@@ -135,16 +135,16 @@ class RedisQueue:
         """Lease up to ``count`` jobs; also returns when the next delayed job is due (ms)."""
         k = self.keys
         raw, next_due = await self._scripts["take"](
-            keys=[k.wait, k.delayed, k.active, k.seq],
+            keys=[k.wait, k.delayed, k.active, k.seq, k.marker],
             args=[now_ms(), lease_ms, token, count, k.job_prefix],
         )
         deliveries = [
             Delivery(
                 job_id=_text(raw[i]),
                 message=raw[i + 1],
-                attempts_made=int(raw[i + 2]),
-                stalled=int(raw[i + 3]),
-                created_ms=int(raw[i + 4]),
+                attempts_made=_int(raw[i + 2]),
+                stalled=_int(raw[i + 3]),
+                created_ms=_int(raw[i + 4]),
                 token=token,
             )
             for i in range(0, len(raw), 5)
@@ -254,3 +254,11 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def _int(value: Any) -> int:
+    """A Redis field as an int; a missing or malformed field (a hand-made job) counts as 0."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

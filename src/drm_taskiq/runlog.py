@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 from taskiq import TaskiqResult
 
 from drm_taskiq.options import JobMetadata, ms_to_datetime
@@ -66,13 +66,13 @@ ON CONFLICT (task_id) DO UPDATE SET result = EXCLUDED.result
 """
 
 
-def run_id(job_id: str, attempt: int, generation: int = 0) -> uuid.UUID:
+def run_id(job_id: str, attempt: int, generation: int = 0, created_ms: int = 0) -> uuid.UUID:
     """The ``plugin_run_id`` of one attempt: the same attempt always gets the same id.
 
-    ``generation`` counts manual retries of a failed job (each starts its attempts at 1 again).
+    ``generation`` counts manual retries of a failed job (each starts its attempts at 1 again);
+    ``created_ms`` (when the job was enqueued) tells apart two jobs that reused one id.
     """
-    key = f"{job_id}:{attempt}" if generation == 0 else f"{job_id}:{generation}:{attempt}"
-    return uuid.uuid5(RUN_NAMESPACE, key)
+    return uuid.uuid5(RUN_NAMESPACE, f"{job_id}:{created_ms}:{generation}:{attempt}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,7 @@ class LedgerEntry:
     extra: dict[str, Any]
     generation: int = 0
     message: str | None = None
+    created_ms: int = 0
 
     @classmethod
     def parse(cls, entry_id: str, raw: str) -> LedgerEntry:
@@ -125,6 +126,7 @@ class LedgerEntry:
             at_ms=str(body["at"]),
             extra=json.loads(extra) if isinstance(extra, str) else dict(extra),
             generation=int(body.get("gen") or 0),
+            created_ms=int(float(body.get("ts") or 0)),
             message=body["msg"] if isinstance(body.get("msg"), str) else None,
         )
 
@@ -167,7 +169,7 @@ async def write_entries(
         if runs:
             await conn.execute(
                 _INSERT_RUNS,
-                [run_id(e.job_id, e.attempt, e.generation) for e in runs],
+                [run_id(e.job_id, e.attempt, e.generation, e.created_ms) for e in runs],
                 [e.plugin_id for e in runs],
                 [e.tenant_id for e in runs],
                 [f"job:{e.job_name}" for e in runs],
@@ -307,7 +309,10 @@ class RunLedger:
             count=self.batch,
             justid=True,
         )
-        claimed = reply[1] if reply else []
+        # redis-py returns [next_id, ids, deleted] from XAUTOCLAIM, or just the ids with JUSTID
+        claimed: list[Any] = list(reply or [])
+        if len(claimed) >= 2 and isinstance(claimed[1], list):  # [next id, ids, deleted ids]
+            claimed = claimed[1]
         if claimed:
             log.info("ledger_entries_claimed", count=len(claimed))
         return len(claimed)
@@ -335,15 +340,21 @@ class RunLedger:
                 if failures:
                     log.info("ledger_recovered", after_failures=failures)
                 failures = 0
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the writer must outlive any error; it retries
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
-                    log.warning("ledger_write_failed", error=repr(exc), failures=failures)
+                    log.warning(
+                        "ledger_write_failed",
+                        error=f"{type(exc).__name__}: {exc}",
+                        failures=failures,
+                    )
                 await _sleep_or_stop(stop, min(0.1 * 2**failures, 5.0))
         try:
             await self.drain()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RedisError) as exc:
-            log.warning("ledger_not_drained_on_shutdown", error=repr(exc))
+        except Exception as exc:  # rows stay in Redis and are written by another worker
+            log.warning("ledger_not_drained_on_shutdown", error=f"{type(exc).__name__}: {exc}")
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

@@ -109,7 +109,9 @@ _ENV_NAMES = {
 
 
 def env_name(field: str) -> str:
-    """The environment variable that sets ``field``."""
+    """The environment variable that sets ``field`` (pydantic may report the field or its alias)."""
+    if field.upper() in _ENV_NAMES.values():
+        return field.upper()
     return _ENV_NAMES.get(field, f"DRM_{field.upper()}")
 
 

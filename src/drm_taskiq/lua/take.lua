@@ -1,5 +1,5 @@
 -- Promote due delayed jobs, then lease up to N waiting jobs, lowest (priority, seq) first.
--- KEYS: 1 wait zset, 2 delayed zset, 3 active zset, 4 seq counter
+-- KEYS: 1 wait zset, 2 delayed zset, 3 active zset, 4 seq counter, 5 marker list
 -- ARGV: 1 now (ms), 2 lease (ms), 3 lease token, 4 max jobs, 5 job key prefix
 -- Returns {{id, msg, attempts, stalled, created ts, ...}, next delayed due time (ms) or false}
 local now = tonumber(ARGV[1])
@@ -37,4 +37,9 @@ if max > 0 then
   end
 end
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if #out == 0 and redis.call('ZCARD', KEYS[1]) == 0 then
+  -- Nothing to take: stale wake-up markers would only cause empty takes. A job enqueued after
+  -- this script pushes a fresh marker, so no wake-up is lost.
+  redis.call('DEL', KEYS[5])
+end
 return {out, nxt[2] or false}

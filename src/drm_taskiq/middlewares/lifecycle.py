@@ -72,7 +72,10 @@ class LifecycleMiddleware(TaskiqMiddleware):
         return self.broker  # type: ignore[return-value]
 
     def post_send(self, message: TaskiqMessage) -> None:
-        """Log ``job_enqueued``."""
+        """Log ``job_enqueued`` (not for a duplicate id, which the broker logged)."""
+        if message.task_id in self.drm_broker.duplicates:
+            self.drm_broker.duplicates.discard(message.task_id)
+            return
         log.info(
             "job_enqueued",
             **_identity(message),
@@ -98,7 +101,14 @@ class LifecycleMiddleware(TaskiqMiddleware):
         """Decide complete / retry / fail, log it, and hand the decision to the broker."""
         broker = self.drm_broker
         delivery = broker.delivery(message.task_id)
-        attempt = (delivery.attempts_made if delivery else 0) + 1
+        if delivery is None:
+            # The lease was given back (shutdown grace expired) or lost: nothing to settle.
+            log.warning("job_interrupted", **_identity(message))
+            structlog.contextvars.unbind_contextvars(
+                "job_id", "task", "plugin_id", "tenant_id", "attempt"
+            )
+            return
+        attempt = delivery.attempts_made + 1
         duration_ms = int(result.execution_time * 1000)
         job_log = log.bind(**_identity(message), attempt=attempt)
         try:
@@ -111,8 +121,13 @@ class LifecycleMiddleware(TaskiqMiddleware):
                 return
             error = result.error or RuntimeError("unknown error")
             extra: dict[str, Any] = {}
-            if isinstance(error, TimeoutError) and not isinstance(error, JobTimeoutError):
-                timeout_ms = int(float(message.labels.get(LABEL_TIMEOUT, 0)) * 1000)
+            timeout_ms = int(float(message.labels.get(LABEL_TIMEOUT, 0)) * 1000)
+            if (
+                isinstance(error, TimeoutError)
+                and not isinstance(error, JobTimeoutError)
+                and timeout_ms
+                and result.execution_time * 1000 >= timeout_ms * 0.95 - 20
+            ):
                 error = JobTimeoutError(f"timed out after {timeout_ms} ms")
                 extra["timedOut"] = True
                 job_log.warning("job_timed_out", timeout_ms=timeout_ms, duration_ms=duration_ms)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from taskiq import TaskiqMessage, TaskiqMiddleware
 
 from drm_taskiq.errors import InvalidInputError, UnknownTenantError
@@ -19,6 +20,7 @@ from drm_taskiq.options import (
     LABEL_TIMEOUT,
     MAX_PRIORITY,
     check_id,
+    check_job_id,
     encode_payload,
 )
 from drm_taskiq.settings import Settings
@@ -42,7 +44,12 @@ class TenantGate:
         hit = self._cache.get(key)
         if hit is not None and now - hit[0] < self._ttl:
             return hit[1]
-        value = await self._lookup(tenant_id, plugin_id)
+        try:
+            value = await self._lookup(tenant_id, plugin_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            if hit is None:
+                raise
+            return hit[1]  # PostgreSQL is away: keep the last answer rather than refuse work
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[key] = (now, value)
@@ -74,6 +81,7 @@ class ValidationMiddleware(TaskiqMiddleware):
 
     async def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         """Raise :class:`InvalidInputError` naming the field; set identity labels."""
+        check_job_id(message.task_id, "job_id")
         if not message.task_name.startswith("plugin:"):
             return message
         _, plugin_id, job_name = message.task_name.split(":", 2)

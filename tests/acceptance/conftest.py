@@ -1,0 +1,338 @@
+"""Real ``taskiq worker`` / ``taskiq scheduler`` processes for the acceptance tests.
+
+Each process runs with the test's own schema and key prefix, loads the ``accept`` test plugin
+(``tests.plugins.accept:plugin``) and writes its output to files under ``tmp_path``; the last
+lines of every log are printed at teardown (pytest shows them when the test fails). Every process
+group is killed with SIGKILL at teardown, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from tests.plugins.accept import plugin as accept_plugin
+
+from drm_taskiq import store
+from drm_taskiq.jobs import JobScheduler
+from drm_taskiq.queue_broker import DrmBroker
+from drm_taskiq.redis_queue import QueueKeys
+from drm_taskiq.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PLUGIN_SPEC = "tests.plugins.accept:plugin"
+TENANT = "acme"
+BIN_DIR = Path(sys.executable).parent
+LOG_TAIL_LINES = 80
+
+# Variables a developer's shell may set that would leak into the processes under test.
+_OWN_NAMES = ("REDIS_URL", "DATABASE_URL", "WORKER_CONCURRENCY", "ACCEPT_TICK_CRON")
+
+
+def _binary(name: str) -> str:
+    path = BIN_DIR / name
+    if not path.exists():
+        pytest.skip(f"{name} not found next to {sys.executable}")
+    return str(path)
+
+
+class Proc:
+    """One started process (a process-group leader) and its log files."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.stdout_path = cwd / f"{name}.stdout"
+        self.stderr_path = cwd / f"{name}.stderr"
+        self._stdout = self.stdout_path.open("wb")
+        self._stderr = self.stderr_path.open("wb")
+        self.popen = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._stdout,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
+        self.started_at = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text("utf-8", errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text("utf-8", errors="replace")
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The structlog JSON events written so far (to stderr), optionally only ``name``."""
+        found = []
+        for raw in self.stderr().splitlines():
+            line = raw.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line being written right now
+            if isinstance(event, dict) and (name is None or event.get("event") == name):
+                found.append(event)
+        return found
+
+    def send(self, signum: int) -> None:
+        """Send ``signum`` to the main process only."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def killpg(self, signum: int = signal.SIGKILL) -> None:
+        """Send ``signum`` to the whole process group (the main process and its children)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)
+
+    def close(self) -> None:
+        """Kill the group, reap the main process, close the log files."""
+        self.killpg(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored
+            self.popen.wait(timeout=10)
+        self._stdout.close()
+        self._stderr.close()
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        parts = []
+        for label, text in (("stdout", self.stdout()), ("stderr", self.stderr())):
+            kept = text.splitlines()[-lines:]
+            parts.append(f"--- {self.name} {label} (last {len(kept)} lines) ---")
+            parts.extend(kept)
+        return "\n".join(parts)
+
+
+class Processes:
+    """Starts worker and scheduler processes configured like the test's ``settings``."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+        self._counts: dict[str, int] = {}
+
+    def env(self, **extra: str | int | float) -> dict[str, str]:
+        """The environment of a process: the test's servers, schema, prefix and plugin."""
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("DRM_") and key not in _OWN_NAMES
+        }
+        python_path = [str(REPO_ROOT)]
+        if os.environ.get("PYTHONPATH"):
+            python_path.append(os.environ["PYTHONPATH"])
+        env.update(
+            PYTHONPATH=os.pathsep.join(python_path),
+            PYTHONUNBUFFERED="1",
+            REDIS_URL=self.settings.redis_url,
+            DATABASE_URL=self.settings.database_url,
+            WORKER_CONCURRENCY="4",
+            DRM_DB_SCHEMA=self.settings.db_schema,
+            DRM_KEY_PREFIX=self.settings.key_prefix,
+            DRM_PLUGINS=PLUGIN_SPEC,
+            DRM_ENTRY_POINTS="false",
+            DRM_LEASE_MS="3000",
+            DRM_STALLED_INTERVAL_MS="500",
+            DRM_LEDGER_FLUSH_MS="50",
+            DRM_LOG_FORMAT="json",
+        )
+        env.update({key: str(value) for key, value in extra.items()})
+        return env
+
+    def _start(self, kind: str, argv: list[str], env: dict[str, str]) -> Proc:
+        index = self._counts.get(kind, 0)
+        self._counts[kind] = index + 1
+        proc = Proc(f"{kind}{index}", argv, env, self.workdir)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, **env: str | int | float) -> Proc:
+        """``taskiq worker drm_taskiq.broker:broker --workers 1``; ``env`` overrides variables."""
+        argv = [_binary("taskiq"), "worker", "drm_taskiq.broker:broker", "--workers", "1"]
+        return self._start("worker", argv, self.env(**env))
+
+    def scheduler(self, **env: str | int | float) -> Proc:
+        """``taskiq scheduler drm_taskiq.scheduler:sched``; ``env`` overrides variables."""
+        argv = [_binary("taskiq"), "scheduler", "drm_taskiq.scheduler:sched"]
+        return self._start("scheduler", argv, self.env(**env))
+
+    async def wait_event(
+        self, proc: Proc, event: str, timeout: float = 30.0, **fields: Any
+    ) -> dict[str, Any]:
+        """Wait until ``proc`` logged ``event`` (with ``fields``); fail if it exits first."""
+
+        def found() -> dict[str, Any] | None:
+            for item in proc.events(event):
+                if all(item.get(key) == value for key, value in fields.items()):
+                    return item
+            return None
+
+        return await wait_until(found, timeout=timeout, procs=[proc], what=f"{proc.name}: {event}")
+
+    async def ready_worker(self, **env: str | int | float) -> Proc:
+        """A worker that has loaded the ``accept`` plugin (its jobs are registered)."""
+        proc = self.worker(**env)
+        await self.wait_event(proc, "plugin_loaded", plugin_id="accept")
+        return proc
+
+    async def ready_scheduler(self, **env: str | int | float) -> Proc:
+        """A scheduler whose cron engine is running."""
+        proc = self.scheduler(**env)
+        await self.wait_event(proc, "scheduler_started")
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.close()
+
+    def report(self) -> str:
+        return "\n".join(proc.tail() for proc in self.procs)
+
+
+async def wait_until(
+    predicate: Callable[[], Any],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    procs: list[Proc] | None = None,
+    what: str = "condition",
+) -> Any:
+    """Poll ``predicate`` (sync or async) until truthy; fail on timeout or if a process dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        for proc in procs or []:
+            if proc.returncode is not None:
+                raise AssertionError(
+                    f"{proc.name} exited with code {proc.returncode} while waiting for {what}"
+                )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def wait_exit(proc: Proc, timeout: float) -> int:
+    """Wait for ``proc``'s main process to exit; return its exit code (fail on timeout)."""
+    await wait_until(
+        lambda: proc.returncode is not None, timeout=timeout, what=f"{proc.name} to exit"
+    )
+    code = proc.returncode
+    assert code is not None
+    return code
+
+
+# --------------------------------------------------------------------------- PostgreSQL reads
+async def fetch_runs(db: asyncpg.Pool) -> list[asyncpg.Record]:
+    """Every plugin_runs row, with the job id and attempt from its JobMetadata."""
+    return list(
+        await db.fetch(
+            "SELECT plugin_run_id, plugin_id, tenant_id, hook_name, status, error, executed_at,"
+            " result, result->>'jobId' AS job_id, (result->>'attemptsMade')::int AS attempt"
+            " FROM plugin_runs ORDER BY executed_at"
+        )
+    )
+
+
+async def fetch_jobs(db: asyncpg.Pool) -> list[asyncpg.Record]:
+    """Every row of the jobs table (final states)."""
+    return list(await db.fetch("SELECT * FROM jobs ORDER BY finished_at"))
+
+
+async def fetch_events(db: asyncpg.Pool, job_name: str | None = None) -> list[asyncpg.Record]:
+    """Every handler execution the accept plugin recorded (table created by its on_load)."""
+    exists = await db.fetchval("SELECT to_regclass('accept_events') IS NOT NULL")
+    if not exists:
+        return []
+    return list(
+        await db.fetch(
+            "SELECT * FROM accept_events WHERE $1::text IS NULL OR job_name = $1 ORDER BY id",
+            job_name,
+        )
+    )
+
+
+async def count_runs(db: asyncpg.Pool, status: str | None = None) -> int:
+    return int(
+        await db.fetchval(
+            "SELECT count(*) FROM plugin_runs WHERE $1::text IS NULL OR status = $1", status
+        )
+    )
+
+
+async def count_jobs(db: asyncpg.Pool, state: str | None = None) -> int:
+    return int(
+        await db.fetchval("SELECT count(*) FROM jobs WHERE $1::text IS NULL OR state = $1", state)
+    )
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture
+async def accept_tenant(db: asyncpg.Pool) -> str:
+    """The tenant ``acme`` with the ``accept`` plugin enabled (before any process starts)."""
+    await store.ensure_tenant(db, TENANT, plugins={"accept": {}})
+    return TENANT
+
+
+@pytest.fixture
+def procs(
+    settings: Settings,
+    db: asyncpg.Pool,
+    redis_client: aioredis.Redis,
+    accept_tenant: str,
+    tmp_path: Path,
+) -> Iterator[Processes]:
+    """Start real processes; every process group is SIGKILLed at teardown, logs printed."""
+    processes = Processes(settings, tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.close()
+        if processes.procs:
+            print(processes.report())
+
+
+@pytest.fixture
+def keys(settings: Settings) -> QueueKeys:
+    """The names of the test queue's Redis keys (wait, active, job hashes...)."""
+    return QueueKeys(settings.key_prefix, settings.queue)
+
+
+@pytest.fixture
+async def accept_client(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis, accept_tenant: str
+) -> AsyncIterator[JobScheduler]:
+    """A started client JobScheduler with the accept plugin's jobs registered (by its on_load)."""
+    scheduler = JobScheduler(DrmBroker(settings, own_process=False), plugins=[accept_plugin])
+    await scheduler.start()
+    try:
+        await scheduler.load_plugins()
+        yield scheduler
+    finally:
+        await scheduler.close()

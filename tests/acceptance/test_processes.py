@@ -1,0 +1,296 @@
+"""Acceptance: real ``taskiq worker`` and ``taskiq scheduler`` processes, real Redis and PostgreSQL.
+
+Each test starts its processes with the test's own schema and key prefix (see ``conftest.py``);
+they load the ``accept`` plugin from ``tests/plugins/accept.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from tests.acceptance.conftest import (
+    Proc,
+    Processes,
+    count_jobs,
+    fetch_events,
+    fetch_jobs,
+    fetch_runs,
+    wait_exit,
+    wait_until,
+)
+from tests.plugins.accept import tick as accept_tick
+
+from drm_taskiq.cron import CronEngine
+from drm_taskiq.jobs import JobScheduler
+from drm_taskiq.redis_queue import QueueKeys
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(90)]
+
+TICK_CRON = "*/2 * * * * *"
+SLOT_MS = 2000
+
+
+async def _add(client: JobScheduler, tenant: str, job: str, items: list[Any]) -> list[str]:
+    return [await client.add_job("accept", job, data, tenant_id=tenant) for data in items]
+
+
+def _completed(db: asyncpg.Pool, n: int) -> Any:
+    async def check() -> bool:
+        return await count_jobs(db, "completed") >= n
+
+    return check
+
+
+def _started(*procs: Proc) -> set[str]:
+    return {event["job_id"] for proc in procs for event in proc.events("job_started")}
+
+
+async def test_worker_process_runs_jobs_added_by_a_client(
+    procs: Processes, accept_client: JobScheduler, db: asyncpg.Pool, accept_tenant: str
+) -> None:
+    """20 jobs added with add_job are run by a worker process, one success row each."""
+    worker = await procs.ready_worker()
+    ids = await _add(accept_client, accept_tenant, "echo", [{"n": i} for i in range(20)])
+    await wait_until(_completed(db, 20), timeout=30, procs=[worker], what="20 completed jobs")
+    await asyncio.sleep(0.5)  # let any duplicate show up
+    runs = await fetch_runs(db)
+    assert len(runs) == 20
+    assert Counter(run["job_id"] for run in runs) == Counter(ids)
+    assert {(run["status"], run["hook_name"], run["attempt"]) for run in runs} == {
+        ("success", "job:echo", 1)
+    }
+    assert {run["tenant_id"] for run in runs} == {accept_tenant}
+    jobs = await fetch_jobs(db)
+    assert sorted(job["job_id"] for job in jobs) == sorted(ids)
+    assert {job["state"] for job in jobs} == {"completed"}
+    status = await accept_client.get_job_status("accept", "echo", ids[7])
+    assert status is not None and status.state == "completed" and status.returnvalue == {"n": 7}
+    assert Counter(e["job_id"] for e in await fetch_events(db, "echo")) == Counter(ids)
+    assert _started(worker) == set(ids)
+
+
+async def test_sigkill_mid_job_every_job_completes_exactly_once(
+    procs: Processes,
+    accept_client: JobScheduler,
+    db: asyncpg.Pool,
+    accept_tenant: str,
+    redis_client: aioredis.Redis,
+    keys: QueueKeys,
+) -> None:
+    """A worker SIGKILLed mid-job: its jobs are re-run elsewhere, each completes exactly once."""
+    first = await procs.ready_worker(WORKER_CONCURRENCY=4)
+    second = await procs.ready_worker(WORKER_CONCURRENCY=4)
+    ids = await _add(accept_client, accept_tenant, "sleep", [{"s": 2, "n": i} for i in range(12)])
+    await wait_until(
+        lambda: first.events("job_started") and second.events("job_started"),
+        timeout=15,
+        procs=[first, second],
+        what="both workers running jobs",
+    )
+    assert await redis_client.zcard(keys.active) > 0
+    killed = _started(first)
+    first.killpg(signal.SIGKILL)
+    assert await wait_exit(first, timeout=5) == -signal.SIGKILL
+    assert await count_jobs(db) == 0  # nothing had finished yet: the victim's jobs are mid-run
+
+    await wait_until(_completed(db, 12), timeout=40, procs=[second], what="12 completed jobs")
+    await asyncio.sleep(1.0)  # let any duplicate show up
+    jobs = await fetch_jobs(db)
+    assert len(jobs) == 12
+    assert sorted(job["job_id"] for job in jobs) == sorted(ids)
+    assert {(job["state"], job["attempts_made"]) for job in jobs} == {("completed", 1)}
+    runs = await fetch_runs(db)
+    assert len(runs) == 12
+    assert Counter(run["job_id"] for run in runs) == Counter(ids)
+    assert {(run["status"], run["attempt"]) for run in runs} == {("success", 1)}
+    # The victim's jobs went back through the stalled check and were run again by the survivor.
+    assert killed and killed <= _started(second)
+    requeued = {e["job_id"] for e in second.events("job_stalled") if e.get("action") == "requeued"}
+    assert killed <= requeued
+    # Handlers ran again only for the victim's jobs (at-least-once), at most twice.
+    executions = Counter(e["job_id"] for e in await fetch_events(db, "sleep"))
+    assert set(executions) == set(ids)
+    assert {job_id for job_id, n in executions.items() if n > 1} <= killed
+    assert max(executions.values()) <= 2
+    assert await redis_client.zcard(keys.active) == 0
+    assert await redis_client.zcard(keys.wait) == 0
+
+
+async def test_sigterm_finishes_running_jobs_and_returns_the_rest(
+    procs: Processes,
+    accept_client: JobScheduler,
+    db: asyncpg.Pool,
+    accept_tenant: str,
+    redis_client: aioredis.Redis,
+    keys: QueueKeys,
+) -> None:
+    """SIGTERM: the 2 running jobs finish, the worker exits 0, the 4 others wait at once."""
+    worker = await procs.ready_worker(WORKER_CONCURRENCY=2, DRM_SHUTDOWN_GRACE_S=10)
+    ids = await _add(accept_client, accept_tenant, "sleep", [{"s": 1.5, "n": i} for i in range(6)])
+    await wait_until(
+        lambda: len(worker.events("job_started")) >= 2, timeout=15, procs=[worker],
+        what="2 running jobs",
+    )  # fmt: skip
+    running = _started(worker)
+    assert len(running) == 2
+    worker.send(signal.SIGTERM)
+    assert await wait_exit(worker, timeout=15) == 0
+    exited = time.monotonic()
+    [stopping] = worker.events("worker_stopping")
+    assert stopping["running"] == 2  # the signal reached the worker while both jobs ran
+
+    others = set(ids) - running
+    waiting = {m.decode() for m in await redis_client.zrange(keys.wait, 0, -1)}
+    states = {job_id: await redis_client.hget(keys.job(job_id), "state") for job_id in others}
+    assert time.monotonic() - exited < 2.0
+    assert waiting == others
+    assert set(states.values()) == {b"waiting"}
+    assert await redis_client.zcard(keys.active) == 0
+    runs = await fetch_runs(db)
+    assert sorted(run["job_id"] for run in runs) == sorted(running)
+    assert {run["status"] for run in runs} == {"success"}
+    assert _started(worker) == running  # nothing else was started during the shutdown
+
+    fresh = await procs.ready_worker(WORKER_CONCURRENCY=2)
+    await wait_until(_completed(db, 6), timeout=20, procs=[fresh], what="6 completed jobs")
+    await asyncio.sleep(0.5)
+    runs = await fetch_runs(db)
+    assert Counter(run["job_id"] for run in runs) == Counter(ids)
+    assert {(run["status"], run["attempt"]) for run in runs} == {("success", 1)}
+    assert _started(fresh) == others
+    assert Counter(e["job_id"] for e in await fetch_events(db, "sleep")) == Counter(ids)
+
+
+async def test_cron_fires_each_slot_once_with_two_schedulers(
+    procs: Processes,
+    db: asyncpg.Pool,
+    accept_tenant: str,
+    redis_client: aioredis.Redis,
+    keys: QueueKeys,
+) -> None:
+    """Two schedulers, one SIGKILLed halfway: every 2-second slot runs once, none is missing."""
+    env = {"ACCEPT_TICK_CRON": TICK_CRON}
+    first = procs.scheduler(**env)
+    second = procs.scheduler(**env)
+    worker = procs.worker(**env)
+    for proc, event in ((first, "scheduler_started"), (second, "scheduler_started"),
+                        (worker, "plugin_loaded")):  # fmt: skip
+        await procs.wait_event(proc, event)
+    schedule_id = f"{accept_tenant}:accept:tick"
+    assert await db.fetchval("SELECT cron FROM schedules WHERE schedule_id = $1", schedule_id) == (
+        TICK_CRON
+    )
+
+    await asyncio.sleep(12)
+    first.killpg(signal.SIGKILL)
+    killed_ms = int(time.time() * 1000)
+    await asyncio.sleep(12)
+    second.killpg(signal.SIGKILL)
+    stopped_ms = int(time.time() * 1000)
+
+    async def drained() -> bool:
+        busy = await redis_client.zcard(keys.wait) + await redis_client.zcard(keys.active)
+        return busy == 0
+
+    await wait_until(drained, timeout=10, procs=[worker], what="fired ticks to finish")
+    await asyncio.sleep(0.5)  # the ledger flushes every 50 ms
+
+    runs = [run for run in await fetch_runs(db) if run["hook_name"] == "job:tick"]
+    pattern = re.compile(rf"^cron:{re.escape(schedule_id)}:(\d+)$")
+    slots = []
+    for run in runs:
+        match = pattern.match(run["job_id"])
+        assert match, run["job_id"]
+        slots.append(int(match.group(1)))
+    duplicates = [slot for slot, n in Counter(slots).items() if n > 1]
+    assert duplicates == []
+    assert {run["status"] for run in runs} == {"success"}
+    slots.sort()
+    missing = [s for s in range(slots[0], slots[-1], SLOT_MS) if s not in set(slots)]
+    assert missing == []
+    assert all(slot % SLOT_MS == 0 for slot in slots)
+    assert len(slots) >= 10
+    after_kill = [slot for slot in slots if slot > killed_ms]
+    assert len(after_kill) >= 4  # the survivor kept firing
+    assert slots[-1] >= stopped_ms - 3 * SLOT_MS
+    # Each slot's handler ran once (plugin_runs alone could not show a second execution).
+    executions = Counter(e["job_id"] for e in await fetch_events(db, "tick"))
+    assert sorted(executions) == sorted(run["job_id"] for run in runs)
+    assert set(executions.values()) == {1}
+
+
+async def test_cron_slot_fired_again_after_its_job_finished_does_not_run_again(
+    procs: Processes,
+    accept_client: JobScheduler,
+    db: asyncpg.Pool,
+    accept_tenant: str,
+    redis_client: aioredis.Redis,
+    keys: QueueKeys,
+) -> None:
+    """A slot fired again by a lagging scheduler after its job finished does not run twice."""
+    await procs.ready_worker()
+    await accept_client.register_job(
+        "accept", "tick", accept_tick, {"cron": TICK_CRON}, tenant_id=accept_tenant
+    )
+    engine = CronEngine(accept_client.broker, accept_client)
+    await engine.load()
+    schedule = engine.schedules[f"{accept_tenant}:accept:tick"]
+    slot = datetime.fromtimestamp(time.time() // 2 * 2, tz=UTC)
+    job_id = f"cron:{schedule.schedule_id}:{int(slot.timestamp() * 1000)}"
+    # A second scheduler read cron:last before the first advanced it, then lagged: both fire.
+    assert await engine._fire(schedule, slot)
+    await wait_until(_completed(db, 1), timeout=15, what="the slot's job to complete")
+    await wait_until(
+        lambda: _missing(redis_client, keys.job(job_id)), timeout=10, what="the job to leave Redis"
+    )
+    await engine._fire(schedule, slot)
+    await asyncio.sleep(2.0)
+    executions = [e for e in await fetch_events(db, "tick") if e["job_id"] == job_id]
+    assert len(executions) == 1
+
+
+async def _missing(redis_client: aioredis.Redis, key: str) -> bool:
+    return not await redis_client.exists(key)
+
+
+# The variable a message names must be the one the user sets: WORKER_CONCURRENCY, not a
+# prefixed spelling such as DRM_WORKER_CONCURRENCY.
+_NAMES_WORKER_CONCURRENCY = re.compile(r"(?<![A-Za-z0-9_])WORKER_CONCURRENCY\b")
+
+
+async def test_worker_with_invalid_worker_concurrency_exits_non_zero(procs: Processes) -> None:
+    """`taskiq worker` with WORKER_CONCURRENCY=abc exits non-zero, naming the variable."""
+    worker = procs.worker(WORKER_CONCURRENCY="abc")
+    code = await wait_exit(worker, timeout=15)
+    assert code != 0
+    assert "WORKER_CONCURRENCY" in worker.stderr()
+
+
+async def test_scheduler_with_invalid_worker_concurrency_exits_2(procs: Processes) -> None:
+    """`taskiq scheduler` with WORKER_CONCURRENCY=abc exits 2 with the variable on stderr."""
+    scheduler = procs.scheduler(WORKER_CONCURRENCY="abc")
+    assert await wait_exit(scheduler, timeout=15) == 2
+    assert "invalid settings" in scheduler.stderr()
+    assert "WORKER_CONCURRENCY" in scheduler.stderr()
+    assert "Traceback" not in scheduler.stderr()
+
+
+async def test_invalid_worker_concurrency_message_names_the_variable_as_set(
+    procs: Processes,
+) -> None:
+    """The settings error names WORKER_CONCURRENCY itself, not DRM_WORKER_CONCURRENCY."""
+    worker = procs.worker(WORKER_CONCURRENCY="abc")
+    await wait_until(
+        lambda: "invalid settings" in worker.stderr(), timeout=15, what="the settings error"
+    )
+    [line] = {line for line in worker.stderr().splitlines() if "invalid settings" in line}
+    assert _NAMES_WORKER_CONCURRENCY.search(line), line

@@ -1,0 +1,218 @@
+"""The broker's guarantees in one process: priorities, leases, stalls, key layout, memory."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+from drm_taskiq import JobScheduler
+from drm_taskiq.redis_queue import now_ms
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_high_priority_overtakes_a_low_backlog(
+    client: JobScheduler, start_worker: Any, tenant: str
+) -> None:
+    """200 low jobs queued, then 20 high ones: all high ones finish before the remaining low."""
+    finished: list[str] = []
+
+    async def work(ctx: Any, job: Any) -> None:
+        await asyncio.sleep(0.001)
+        finished.append(job.data)
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    for i in range(200):
+        await client.add_job("testp", "w", f"low-{i}", {"priority": 10}, tenant_id=tenant)
+    for i in range(20):
+        await client.add_job("testp", "w", f"high-{i}", {"priority": 1}, tenant_id=tenant)
+    await start_worker(setup, worker_concurrency=4)
+    await wait_for(lambda: len(finished) == 220, timeout=60)
+    last_high = max(i for i, name in enumerate(finished) if name.startswith("high"))
+    lows_before = [name for name in finished[:last_high] if name.startswith("low")]
+    assert lows_before == [], f"{len(lows_before)} low jobs finished before the last high one"
+    lows = [int(name.split("-")[1]) for name in finished if name.startswith("low")]
+    assert sorted(lows) == list(range(200))
+
+
+async def test_status_through_a_stall_and_recovery(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A job taken by a worker that dies is active, then waiting (stalled), then completed."""
+
+    async def work(ctx: Any, job: Any) -> int:
+        return int(job.attempts_made)
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    job_id = await client.add_job("testp", "w", None, tenant_id=tenant)
+    queue = client.broker.queue
+    [delivery], _ = await queue.take("dead-worker:1", 1, lease_ms=300)
+    status = await client.get_job_status("testp", "w", job_id)
+    assert status is not None
+    assert (status.state, status.attempts_made) == ("active", 0)
+    await asyncio.sleep(0.4)
+    recovered = await queue.recover_stalled("checker", max_stalled=1, lock_ms=10)
+    assert recovered == ([job_id], [])
+    status = await client.get_job_status("testp", "w", job_id)
+    assert status is not None
+    assert (status.state, status.attempts_made) == ("waiting", 0)
+    assert not await queue.finish(delivery, "completed", value="1")
+    await start_worker(setup)
+    await wait_for(lambda: db.fetchval("SELECT count(*) FROM jobs"))
+    status = await client.get_job_status("testp", "w", job_id)
+    assert status is not None
+    assert (status.state, status.attempts_made, status.returnvalue) == ("completed", 1, 0)
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 1
+
+
+async def test_job_stalled_too_often_fails_with_reason(
+    client: JobScheduler, db: asyncpg.Pool, tenant: str, start_worker: Any
+) -> None:
+    """A job stalled more than max_stalled_count times fails and leaves an error row."""
+
+    async def work(ctx: Any, job: Any) -> None:
+        return None
+
+    await client.register_job("testp", "w", work)
+    job_id = await client.add_job("testp", "w", None, tenant_id=tenant)
+    queue = client.broker.queue
+    for round_ in range(2):
+        await queue.take(f"dead:{round_}", 1, lease_ms=1)
+        await asyncio.sleep(0.01)
+        await client.broker.redis.delete(queue.keys.stalled_lock)
+        result = await queue.recover_stalled("checker", max_stalled=1, lock_ms=10)
+        assert result == (([job_id], []) if round_ == 0 else ([], [job_id]))
+    status = await client.get_job_status("testp", "w", job_id)
+    assert status is not None
+    assert status.state == "failed"
+    assert status.failed_reason == "job stalled more than allowable limit"
+    await start_worker(None)
+    await wait_for(lambda: db.fetchval("SELECT count(*) FROM plugin_runs"))
+    row = await db.fetchrow("SELECT status, error FROM plugin_runs")
+    assert row is not None
+    assert (row["status"], row["error"]) == ("error", "job stalled more than allowable limit")
+
+
+async def test_only_one_stalled_check_at_a_time(client: JobScheduler) -> None:
+    """The stalled check is guarded by a lock: a second checker in the interval does nothing."""
+    queue = client.broker.queue
+    assert await queue.recover_stalled("a", max_stalled=1, lock_ms=5000) == ([], [])
+    assert await queue.recover_stalled("b", max_stalled=1, lock_ms=5000) is None
+
+
+TOTAL = 10_000
+
+
+def _crc16(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+
+
+def _slot(key: bytes) -> int:
+    start = key.find(b"{")
+    if start != -1:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return _crc16(key) % 16384
+
+
+async def test_all_queue_keys_share_one_cluster_slot(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str, redis_client: Any
+) -> None:
+    """Every key the queue creates starts with its hash tag, so all map to one cluster slot."""
+
+    async def work(ctx: Any, job: Any) -> None:
+        return None
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    await client.add_job("testp", "w", 1, {"delay": 5000}, tenant_id=tenant)
+    await client.add_job("testp", "w", 1, {"job_id": "fixed-id"}, tenant_id=tenant)
+    await start_worker(setup)
+    await wait_for(lambda: db.fetchval("SELECT count(*) FROM jobs"))
+    keys = [key async for key in redis_client.scan_iter(match=f"*{client.settings.key_prefix}*")]
+    assert len(keys) >= 5
+    prefix = client.broker.queue.keys.base.encode()
+    assert all(key.startswith(prefix) for key in keys), keys
+    assert len({_slot(key) for key in keys}) == 1
+    assert _crc16(b"123456789") == 0x31C3  # the CRC16 variant Redis Cluster uses
+
+
+async def test_poison_message_goes_to_dead_letter(
+    client: JobScheduler, start_worker: Any, redis_client: Any
+) -> None:
+    """A job whose message does not decode is dead-lettered; the worker keeps running."""
+    keys = client.broker.queue.keys
+    await redis_client.hset(keys.job("poison"), mapping={"msg": b"\xff\x00garbage", "pri": 0})
+    await redis_client.zadd(keys.wait, {"poison": 0})
+    worker = await start_worker(None)
+    await wait_for(lambda: redis_client.lrange(keys.dead, 0, -1))
+    assert await redis_client.lrange(keys.dead, 0, -1) == [b"poison"]
+    assert await redis_client.hget(keys.job("poison"), "state") == b"failed"
+    assert worker.task is not None
+    assert not worker.task.done()
+
+
+async def test_ten_thousand_jobs_leave_redis_flat(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str, redis_client: Any
+) -> None:
+    """After 10,000 jobs only the queue's fixed keys remain and memory returns near its start."""
+
+    async def work(ctx: Any, job: Any) -> None:
+        return None
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    before = (await redis_client.info("memory"))["used_memory"]
+    task = client.broker.find_task("plugin:testp:w")
+    assert task is not None
+    batch = 500
+    for start in range(0, TOTAL, batch):
+        await asyncio.gather(*(task.kiq({"n": start + i}, tenant_id=tenant) for i in range(batch)))
+    await start_worker(setup, worker_concurrency=50)
+    await wait_for(lambda: db.fetchval("SELECT count(*) = $1 FROM jobs", TOTAL), timeout=240)
+    try:
+        await wait_for(lambda: _job_keys_zero(redis_client, client), timeout=30)
+    except AssertionError:
+        prefix = client.broker.queue.keys.job_prefix
+        left = [key async for key in redis_client.scan_iter(match=f"{prefix}*", count=1000)]
+        sample = [await redis_client.hgetall(key) for key in left[:3]]
+        raise AssertionError(f"{len(left)} job hashes left, e.g. {sample}") from None
+    keys = sorted(
+        [
+            key.decode()
+            async for key in redis_client.scan_iter(match=f"*{client.settings.key_prefix}*")
+        ]
+    )
+    base = client.broker.queue.keys.base
+    allowed = {f"{base}:{name}" for name in ("seq", "marker", "ledger", "stalled-check")}
+    assert set(keys) <= allowed, keys
+    after = (await redis_client.info("memory"))["used_memory"]
+    assert after - before < 2 * 1024 * 1024, f"Redis grew by {after - before} bytes"
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == TOTAL
+    assert now_ms() > 0
+
+
+async def _job_keys_zero(redis_client: Any, client: JobScheduler) -> bool:
+    prefix = client.broker.queue.keys.job_prefix
+    return not [key async for key in redis_client.scan_iter(match=f"{prefix}*", count=1000)]
