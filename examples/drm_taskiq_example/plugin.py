@@ -31,8 +31,6 @@ DEFAULT_RETENTION_S: Final = 3600
 CLEANUP_CRON: Final = "*/10 * * * * *"  # six fields, seconds first: every 10 seconds
 FLAKY_FAILURES: Final = 2
 
-_SCHEMA_LOCK: Final = 0x6578616D706C65  # "example": serialises concurrent on_load calls
-
 _INSERT = """
 INSERT INTO example_activities (tenant_id, source, payload)
 SELECT $1, $2, jsonb_build_object('job_id', $3::text, 'seq', seq)
@@ -52,13 +50,8 @@ SELECT count(*) FROM deleted
 
 
 def schema_sql() -> str:
-    """The plugin's DDL (``schema.sql``), preceded by a transaction-scoped advisory lock.
-
-    ``ctx.db.execute`` runs the whole text in one transaction, so the lock is held until the
-    tables exist and concurrent ``on_load`` calls cannot race on ``CREATE TABLE IF NOT EXISTS``.
-    """
-    ddl = (resources.files(__package__ or "drm_taskiq_example") / "schema.sql").read_text("utf-8")
-    return f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK});\n{ddl}"
+    """The plugin's DDL (``schema.sql``); the platform applies it before ``on_load``."""
+    return (resources.files(__package__ or "drm_taskiq_example") / "schema.sql").read_text("utf-8")
 
 
 def parse_sync_data(data: object) -> tuple[int, str]:
@@ -116,8 +109,7 @@ async def flaky(ctx: PluginContext, job: Job) -> dict[str, int]:
 
 
 async def on_load(ctx: PluginContext) -> None:
-    """Create the plugin's table and register its three jobs for the tenant."""
-    await ctx.db.execute(schema_sql())
+    """Register the plugin's three jobs for the tenant (its table exists: see ``schema``)."""
     scheduler = ctx.scheduler
     await scheduler.register_job(PLUGIN_ID, SYNC_JOB, sync_activities, None)
     await scheduler.register_job(PLUGIN_ID, CLEANUP_JOB, cleanup_activities, {"cron": CLEANUP_CRON})
@@ -139,4 +131,5 @@ plugin = define_plugin(
     version="0.1.0",
     on_load=on_load,
     on_unload=on_unload,
+    schema=schema_sql(),
 )

@@ -1,4 +1,4 @@
--- Tables of the example plugin. Applied by on_load under an advisory lock; safe to re-run.
+-- Tables of the example plugin. The platform applies this before on_load; safe to re-run.
 
 CREATE TABLE IF NOT EXISTS example_activities (
   activity_id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -7,6 +7,9 @@ CREATE TABLE IF NOT EXISTS example_activities (
   payload     JSONB NOT NULL,
   created_at  TIMESTAMPTZ NOT NULL DEFAULT NOW()
 );
+
+-- Row-level security: plugin code sees only the rows of the tenant its job runs for.
+SELECT drm_tenant_table('example_activities');
 
 -- cleanup-activities deletes by (tenant, age).
 CREATE INDEX IF NOT EXISTS idx_example_activities_tenant_created

@@ -1,4 +1,5 @@
-"""The ``drm-taskiq`` command: migrations, tenants, run history, enqueueing and job status.
+"""The ``drm-taskiq`` command: migrations, tenants, run history, enqueueing, job status and
+plugin signing (``plugins keygen``, ``plugins sign``, ``plugins verify``).
 
 Exit status: 0 on success, 1 when a service fails or a job is not found, 2 on bad input or
 settings (the message goes to stderr as ``error: ...``).
@@ -10,18 +11,21 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from redis.exceptions import RedisError
 
-from drm_taskiq import store
+from drm_taskiq import signing, store
 from drm_taskiq.errors import DrmTaskiqError, InvalidInputError, SettingsError
 from drm_taskiq.logs import configure_logging
 from drm_taskiq.options import check_id
+from drm_taskiq.plugins import load_object, load_verified, plugin_directory
 from drm_taskiq.settings import Settings, load_settings
 
 RUN_COLUMNS = ("executed_at", "tenant", "plugin", "hook_name", "status", "attempt", "error")
@@ -86,6 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("plugin", metavar="PLUGIN")
     status.add_argument("job", metavar="JOB")
     status.add_argument("job_id", metavar="JOB_ID")
+
+    plugins = commands.add_parser("plugins", help="sign plugins and verify their signatures")
+    plugin_commands = plugins.add_subparsers(
+        dest="plugins_command", required=True, metavar="ACTION"
+    )
+    keygen = plugin_commands.add_parser(
+        "keygen", help="create an Ed25519 key pair; prints the public key for DRM_TRUSTED_KEYS"
+    )
+    keygen.add_argument("--out", required=True, type=Path, metavar="DIR")
+    keygen.add_argument("--name", default="drm-plugin-key", help="file name stem")
+    sign = plugin_commands.add_parser(
+        "sign", help="write drm-plugin.json and drm-plugin.sig into the plugin's package"
+    )
+    sign.add_argument("spec", metavar="MODULE:ATTR")
+    sign.add_argument("--key", required=True, type=Path, metavar="PRIVATE_KEY_FILE")
+    verify = plugin_commands.add_parser(
+        "verify", help="check a plugin's signature and files (exit 0: it would load)"
+    )
+    verify.add_argument("spec", metavar="MODULE:ATTR")
+    verify.add_argument(
+        "--key",
+        dest="keys",
+        action="append",
+        default=[],
+        metavar="PUBKEY",
+        help="trusted public key: base64, or a file holding it (repeatable;"
+        " default: DRM_TRUSTED_KEYS)",
+    )
     return parser
 
 
@@ -210,12 +242,95 @@ async def _status(_: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def plugin_spec(spec: str) -> str:
+    """The module of a ``MODULE:ATTR`` plugin spec; InvalidInputError if it is not one."""
+    module, _, attribute = spec.partition(":")
+    if not module or not attribute:
+        raise InvalidInputError(
+            "MODULE:ATTR", f"{spec!r} must look like 'package.module:attribute'"
+        )
+    return module
+
+
+def public_key_argument(text: str) -> bytes:
+    """A ``--key`` of ``plugins verify``: base64, or the path of a file holding it."""
+    path = Path(text)
+    try:
+        return signing.parse_public_key(path.read_text("ascii") if path.is_file() else text)
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError("--key", f"{text!r}: {exc}") from None
+
+
+async def _plugins_keygen(_: Settings, args: argparse.Namespace) -> int:
+    private_path = args.out / f"{args.name}.pem"
+    public_path = args.out / f"{args.name}.pub"
+    for path in (private_path, public_path):
+        if path.exists():
+            raise InvalidInputError("--out", f"{path} exists; keys are never overwritten")
+    key = signing.generate_private_key()
+    public_key = signing.encode_public_key(signing.public_key_of(key))
+    args.out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(signing.private_key_pem(key))
+    public_path.write_text(public_key + "\n", "ascii")
+    print(f"private key: {private_path} (keep it secret, out of the repository)")
+    print(f"public key:  {public_path} (key id {signing.key_id(signing.public_key_of(key))})")
+    print(public_key)
+    return 0
+
+
+async def _plugins_sign(_: Settings, args: argparse.Namespace) -> int:
+    directory = plugin_directory(plugin_spec(args.spec))
+    try:
+        key = signing.load_private_key(args.key)
+    except ValueError as exc:
+        raise InvalidInputError("--key", str(exc)) from None
+    plugin = load_object(args.spec)
+    manifest = signing.sign_package(directory, key, plugin_id=plugin.id, version=plugin.version)
+    key_id = signing.key_id(signing.public_key_of(key))
+    print(f"signed plugin {plugin.id!r} {plugin.version} with key {key_id}: {directory}")
+    for path in manifest.files:
+        print(f"  {path}")
+    return 0
+
+
+async def _plugins_verify(settings: Settings, args: argparse.Namespace) -> int:
+    module = plugin_spec(args.spec)
+    if args.keys:
+        keys = [public_key_argument(text) for text in args.keys]
+    else:
+        keys = [signing.parse_public_key(text) for text in settings.trusted_keys]
+    plugin, verified = load_verified(
+        args.spec, module, lambda: load_object(args.spec), trusted_keys=keys
+    )
+    if verified is None:  # cannot happen: with allow_unsigned off, every refusal raises
+        raise DrmTaskiqError(f"plugin {args.spec!r} was not verified")
+    print(
+        f"ok: plugin {plugin.id!r} {plugin.version}, {len(verified.manifest.files)} files,"
+        f" signed by trusted key {verified.key_id}"
+    )
+    return 0
+
+
+_PLUGIN_COMMANDS = {
+    "keygen": _plugins_keygen,
+    "sign": _plugins_sign,
+    "verify": _plugins_verify,
+}
+
+
+async def _plugins(settings: Settings, args: argparse.Namespace) -> int:
+    return await _PLUGIN_COMMANDS[args.plugins_command](settings, args)
+
+
 _COMMANDS = {
     "migrate": _migrate,
     "tenant": _tenant_add,
     "runs": _runs,
     "enqueue": _enqueue,
     "status": _status,
+    "plugins": _plugins,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,19 +18,36 @@ if TYPE_CHECKING:
     from drm_taskiq.jobs import JobScheduler, TenantScheduler
 
 
-class TenantDatabase:
-    """Database access for one tenant: each call runs in a transaction with
-    ``app.tenant_id`` set to the tenant (the hook row-level security policies use)."""
+def tenant_signature(secret: bytes, tenant_id: str) -> str:
+    """The signature ``drm_tenant()`` checks: sha256(secret || sha256(secret || tenant)), hex."""
+    inner = hashlib.sha256(secret + tenant_id.encode("utf-8")).digest()
+    return hashlib.sha256(secret + inner).hexdigest()
 
-    def __init__(self, pool: asyncpg.Pool, tenant_id: str) -> None:
+
+class TenantDatabase:
+    """Database access for one tenant, as plugin code gets it (``ctx.db``).
+
+    Connections log in as the role ``drm_plugin``, which row-level security binds to one tenant
+    per transaction: each call runs in a transaction whose ``app.tenant_id`` is this tenant,
+    signed with a secret the plugin role cannot read. Rows of other tenants are invisible and
+    cannot be written, even by a query that forgets ``WHERE tenant_id = ...``.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, tenant_id: str, secret: bytes) -> None:
         self._pool = pool
         self.tenant_id = tenant_id
+        self._signature = tenant_signature(secret, tenant_id)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        """A connection inside a transaction scoped to the tenant."""
+        """A connection inside a transaction bound to the tenant."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", self.tenant_id)
+            await conn.execute(
+                "SELECT set_config('app.tenant_id', $1, true),"
+                " set_config('app.tenant_sig', $2, true)",
+                self.tenant_id,
+                self._signature,
+            )
             yield conn
 
     async def execute(self, query: str, *args: Any) -> str:
@@ -115,7 +133,7 @@ def create_plugin_context(
     return PluginContext(
         plugin_id=plugin_id,
         tenant_id=tenant_id,
-        db=TenantDatabase(scheduler.pool, tenant_id),
+        db=TenantDatabase(scheduler.plugin_pool, tenant_id, scheduler.tenant_secret),
         scheduler=scheduler.for_tenant(tenant_id),
         hooks=scheduler.hooks,
         logger=PluginLogger(plugin_id, tenant_id),

@@ -95,6 +95,20 @@ class JobScheduler:
         return self.broker.pool
 
     @property
+    def plugin_pool(self) -> asyncpg.Pool:
+        """The pool plugin code uses (the row-level-security role)."""
+        if self.broker.plugin_pool is None:
+            raise DrmTaskiqError("the scheduler is not started: await scheduler.start() first")
+        return self.broker.plugin_pool
+
+    @property
+    def tenant_secret(self) -> bytes:
+        """The secret that signs tenant bindings of plugin transactions."""
+        if self.broker.tenant_secret is None:
+            raise DrmTaskiqError("the scheduler is not started: await scheduler.start() first")
+        return self.broker.tenant_secret
+
+    @property
     def settings(self) -> Any:
         return self.broker.settings
 
@@ -123,6 +137,8 @@ class JobScheduler:
             )
         for plugin in plugins:
             self.loaded_plugins[plugin.id] = plugin
+            if plugin.schema:
+                await store.apply_plugin_schema(self.pool, plugin.id, plugin.schema)
             tenants = await store.fetch_enabled_tenants(self.pool, plugin.id)
             for tenant_id in tenants:
                 await self._call_hook(plugin, tenant_id, "on_load")

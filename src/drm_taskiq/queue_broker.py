@@ -71,6 +71,8 @@ class DrmBroker(ListQueueBroker):
         self.queue = RedisQueue(self.redis, settings.key_prefix, settings.queue)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.pool: asyncpg.Pool | None = None
+        self.plugin_pool: asyncpg.Pool | None = None
+        self.tenant_secret: bytes | None = None
         self.gate = TenantGate(self._tenant_lookup) if validate_tenants else None
         self.lifecycle = LifecycleMiddleware()
         self.add_middlewares(ValidationMiddleware(settings, self.gate), self.lifecycle)
@@ -86,6 +88,7 @@ class DrmBroker(ListQueueBroker):
         self._background: list[asyncio.Task[None]] = []
         self._started_up = False
         self._take_counter = 0
+        self._pruned_at = float("-inf")
         self.duplicates: set[str] = set()  # ids kicked this instant that already existed
 
     # ----------------------------------------------------------------- life cycle
@@ -100,6 +103,8 @@ class DrmBroker(ListQueueBroker):
         if self.settings.migrate_on_start:
             await store.migrate(self.settings)
         self.pool = await store.create_pool(self.settings, max_size=10)
+        self.tenant_secret = await store.tenant_binding_secret(self.pool)
+        self.plugin_pool = await store.create_plugin_pool(self.settings)
         await self.redis.ping()
         self._started_up = True
         if self.is_worker_process:
@@ -110,6 +115,7 @@ class DrmBroker(ListQueueBroker):
                 batch=self.settings.ledger_batch,
                 block_ms=self.settings.ledger_flush_ms,
                 retention_ms=self.settings.retention_s * 1000,
+                claim_idle_ms=self.settings.ledger_claim_idle_ms,
             )
             self._background = [
                 asyncio.create_task(self._renew_leases(), name="drm-renew-leases"),
@@ -146,9 +152,10 @@ class DrmBroker(ListQueueBroker):
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background = []
         await super().shutdown()
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
+        for pool in (self.pool, self.plugin_pool):
+            if pool is not None:
+                await pool.close()
+        self.pool = self.plugin_pool = None
         await self.redis.aclose()
         self._started_up = False
         self._closing = False
@@ -373,11 +380,34 @@ class DrmBroker(ListQueueBroker):
                 continue
             if result is None:
                 continue
-            requeued, failed = result
-            for job_id in requeued:
-                log.warning("job_stalled", job_id=job_id, action="requeued")
-            for job_id in failed:
-                log.error("job_stalled", job_id=job_id, action="failed")
+            for job in result:
+                (log.error if job.action == "failed" else log.warning)(
+                    "job_stalled",
+                    job_id=job.job_id,
+                    plugin_id=job.plugin_id,
+                    tenant_id=job.tenant_id,
+                    attempt=job.attempt,
+                    action=job.action,
+                )
+            await self._prune_finished()
+
+    async def _prune_finished(self) -> None:
+        """Drop finished jobs older than the retention from PostgreSQL (at most hourly; run by
+        whichever worker holds the stalled check). ``plugin_runs`` is never pruned here."""
+        loop = asyncio.get_running_loop()
+        if self.pool is None or loop.time() - self._pruned_at < 3600:
+            return
+        self._pruned_at = loop.time()
+        try:
+            status = await self.pool.execute(
+                "DELETE FROM jobs WHERE finished_at < NOW() - make_interval(days => $1)",
+                self.settings.job_retention_days,
+            )
+            pruned = int(str(status).split()[-1])
+            if pruned:
+                log.info("jobs_pruned", count=pruned, days=self.settings.job_retention_days)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("jobs_prune_failed", error=f"{type(exc).__name__}: {exc}")
 
     # ----------------------------------------------------------------- shutdown grace
     def _install_shutdown_signals(self) -> None:

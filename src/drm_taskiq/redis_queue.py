@@ -39,6 +39,17 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class StalledJob:
+    """A job found with an expired lease: ``requeued`` to waiting, or ``failed`` (too many)."""
+
+    job_id: str
+    action: str
+    plugin_id: str
+    tenant_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueueKeys:
     """The names of one queue's keys."""
 
@@ -191,7 +202,7 @@ class RedisQueue:
 
     async def recover_stalled(
         self, token: str, max_stalled: int, lock_ms: int
-    ) -> tuple[list[str], list[str]] | None:
+    ) -> list[StalledJob] | None:
         """Requeue or fail jobs whose lease expired; None when another worker holds the check."""
         k = self.keys
         raw = await self._scripts["stalled"](
@@ -200,9 +211,16 @@ class RedisQueue:
         )
         if raw and raw[0] == -1:
             return None
-        items = [_text(item) for item in raw]
-        split = items.index("|")
-        return items[:split], items[split + 1 :]
+        return [
+            StalledJob(
+                job_id=_text(raw[i]),
+                action=_text(raw[i + 1]),
+                plugin_id=_text(raw[i + 2]),
+                tenant_id=_text(raw[i + 3]),
+                attempt=_int(raw[i + 4]),
+            )
+            for i in range(0, len(raw), 5)
+        ]
 
     async def settle_ledger(self, entries: list[tuple[str, str, str]], retention_ms: int) -> None:
         """Acknowledge stored ledger entries: (entry id, job id, finished ms or '')."""

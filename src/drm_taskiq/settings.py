@@ -7,6 +7,8 @@ every variable.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import re
 from typing import Annotated, Literal
@@ -18,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from drm_taskiq.errors import SettingsError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ED25519_PUBLIC_KEY_BYTES = 32
 
 
 class Settings(BaseSettings):
@@ -69,6 +72,21 @@ class Settings(BaseSettings):
     ledger_flush_ms: int = Field(default=200, ge=1)
     schedule_poll_s: float = Field(default=1.0, gt=0)
     migrate_on_start: bool = True
+    trusted_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    allow_unsigned_plugins: bool = False
+    ledger_claim_idle_ms: int = Field(default=30_000, ge=100)
+    job_retention_days: int = Field(default=30, ge=1)
+    plugin_database_url: str | None = None
+
+    def plugin_dsn(self) -> str:
+        """Where plugin code connects: ``DRM_PLUGIN_DATABASE_URL``, or ``DATABASE_URL`` with the
+        user replaced by the row-level-security role ``drm_plugin`` (and no password)."""
+        if self.plugin_database_url:
+            return self.plugin_database_url
+        parts = urlsplit(self.database_url)
+        host = parts.hostname or ""
+        netloc = "drm_plugin@" + host + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
     @field_validator("plugins", mode="before")
     @classmethod
@@ -84,6 +102,28 @@ class Settings(BaseSettings):
             module, _, attribute = item.partition(":")
             if not module or not attribute:
                 raise ValueError(f"{item!r} must look like 'package.module:attribute'")
+        return value
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _split_trusted_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _check_trusted_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for number, item in enumerate(value, start=1):
+            try:
+                raw = base64.b64decode(item, validate=True)
+            except binascii.Error:
+                raw = b""
+            if len(raw) != _ED25519_PUBLIC_KEY_BYTES:  # the value is not echoed: it may be a secret
+                raise ValueError(
+                    f"key {number} is not the base64 of a 32-byte Ed25519 public key"
+                    " (`drm-taskiq plugins keygen` prints one)"
+                )
         return value
 
     @field_validator("redis_url")

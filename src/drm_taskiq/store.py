@@ -45,6 +45,32 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
     return pool
 
 
+async def create_plugin_pool(settings: Settings, *, max_size: int = 10) -> asyncpg.Pool:
+    """The pool plugin code uses: it logs in as the row-level-security role (see migration 3)."""
+    try:
+        pool = await asyncpg.create_pool(
+            settings.plugin_dsn(),
+            min_size=0,
+            max_size=max_size,
+            server_settings={"search_path": f"{settings.db_schema},public"},
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ConnectionError(
+            f"cannot connect to PostgreSQL as the plugin role at {mask_url(settings.plugin_dsn())}:"
+            f" {exc}"
+        ) from None
+    assert pool is not None
+    return pool
+
+
+async def tenant_binding_secret(pool: asyncpg.Pool) -> bytes:
+    """The secret that signs a transaction's tenant binding (never given to plugin code)."""
+    value = await pool.fetchval("SELECT value FROM drm_secrets WHERE name = 'tenant_binding'")
+    if value is None:
+        raise ConnectionError("the schema has no tenant binding secret: run drm-taskiq migrate")
+    return bytes(value)
+
+
 async def migrate(settings: Settings) -> list[str]:
     """Apply the migrations not yet applied; safe when several processes start at once."""
     conn = await asyncpg.connect(settings.database_url)
@@ -83,6 +109,14 @@ async def migrate(settings: Settings) -> list[str]:
     if applied:
         log.info("migrations_applied", migrations=applied, schema=settings.db_schema)
     return applied
+
+
+async def apply_plugin_schema(pool: asyncpg.Pool, plugin_id: str, sql: str) -> None:
+    """Run a plugin's DDL with the platform's rights, one process at a time."""
+    lock = int.from_bytes(hashlib.sha256(f"plugin-schema:{plugin_id}".encode()).digest()[:8], "big")
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", lock - 2**63)
+        await conn.execute(sql)
 
 
 async def fetch_enabled_tenants(pool: asyncpg.Pool, plugin_id: str) -> list[str]:

@@ -154,6 +154,7 @@ class Processes:
             DRM_KEY_PREFIX=self.settings.key_prefix,
             DRM_PLUGINS=PLUGIN_SPEC,
             DRM_ENTRY_POINTS="false",
+            DRM_ALLOW_UNSIGNED_PLUGINS="true",  # test plugins are not signed
             DRM_LEASE_MS="3000",
             DRM_STALLED_INTERVAL_MS="500",
             DRM_LEDGER_FLUSH_MS="50",

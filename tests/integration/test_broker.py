@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from drm_taskiq import JobScheduler
-from drm_taskiq.redis_queue import now_ms
+from drm_taskiq.redis_queue import StalledJob, now_ms
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -62,7 +62,7 @@ async def test_status_through_a_stall_and_recovery(
     assert (status.state, status.attempts_made) == ("active", 0)
     await asyncio.sleep(0.4)
     recovered = await queue.recover_stalled("checker", max_stalled=1, lock_ms=10)
-    assert recovered == ([job_id], [])
+    assert recovered == [StalledJob(job_id, "requeued", "testp", tenant, 1)]
     status = await client.get_job_status("testp", "w", job_id)
     assert status is not None
     assert (status.state, status.attempts_made) == ("waiting", 0)
@@ -91,7 +91,8 @@ async def test_job_stalled_too_often_fails_with_reason(
         await asyncio.sleep(0.01)
         await client.broker.redis.delete(queue.keys.stalled_lock)
         result = await queue.recover_stalled("checker", max_stalled=1, lock_ms=10)
-        assert result == (([job_id], []) if round_ == 0 else ([], [job_id]))
+        action = "requeued" if round_ == 0 else "failed"
+        assert result == [StalledJob(job_id, action, "testp", tenant, 1)]
     status = await client.get_job_status("testp", "w", job_id)
     assert status is not None
     assert status.state == "failed"
@@ -106,7 +107,7 @@ async def test_job_stalled_too_often_fails_with_reason(
 async def test_only_one_stalled_check_at_a_time(client: JobScheduler) -> None:
     """The stalled check is guarded by a lock: a second checker in the interval does nothing."""
     queue = client.broker.queue
-    assert await queue.recover_stalled("a", max_stalled=1, lock_ms=5000) == ([], [])
+    assert await queue.recover_stalled("a", max_stalled=1, lock_ms=5000) == []
     assert await queue.recover_stalled("b", max_stalled=1, lock_ms=5000) is None
 
 
@@ -174,7 +175,7 @@ async def test_poison_message_goes_to_dead_letter(
 async def test_ten_thousand_jobs_leave_redis_flat(
     client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str, redis_client: Any
 ) -> None:
-    """After 10,000 jobs only the queue's fixed keys remain and memory returns near its start."""
+    """After 10,000 jobs only the queue's fixed keys remain, holding almost no memory."""
 
     async def work(ctx: Any, job: Any) -> None:
         return None
@@ -183,7 +184,6 @@ async def test_ten_thousand_jobs_leave_redis_flat(
         await s.register_job("testp", "w", work)
 
     await setup(client)
-    before = (await redis_client.info("memory"))["used_memory"]
     task = client.broker.find_task("plugin:testp:w")
     assert task is not None
     batch = 500
@@ -207,8 +207,9 @@ async def test_ten_thousand_jobs_leave_redis_flat(
     base = client.broker.queue.keys.base
     allowed = {f"{base}:{name}" for name in ("seq", "marker", "ledger", "stalled-check")}
     assert set(keys) <= allowed, keys
-    after = (await redis_client.info("memory"))["used_memory"]
-    assert after - before < 2 * 1024 * 1024, f"Redis grew by {after - before} bytes"
+    # The server is shared, so measure this queue's own keys rather than used_memory.
+    remaining = sum([await redis_client.memory_usage(key) or 0 for key in keys])
+    assert remaining < 256 * 1024, f"the queue's keys still hold {remaining} bytes"
     assert await db.fetchval("SELECT count(*) FROM plugin_runs") == TOTAL
     assert now_ms() > 0
 
@@ -216,3 +217,74 @@ async def test_ten_thousand_jobs_leave_redis_flat(
 async def _job_keys_zero(redis_client: Any, client: JobScheduler) -> bool:
     prefix = client.broker.queue.keys.job_prefix
     return not [key async for key in redis_client.scan_iter(match=f"{prefix}*", count=1000)]
+
+
+async def test_stalled_event_names_the_job(
+    client: JobScheduler, start_worker: Any, tenant: str
+) -> None:
+    """The worker's stalled check logs job_stalled with plugin, tenant, job id and attempt."""
+    from structlog.testing import capture_logs
+
+    async def work(ctx: Any, job: Any) -> None:
+        return None
+
+    await client.register_job("testp", "w", work)
+    job_id = await client.add_job("testp", "w", None, tenant_id=tenant)
+    await client.broker.queue.take("dead:1", 1, lease_ms=1)
+    with capture_logs() as logs:
+        await start_worker(lambda s: s.register_job("testp", "w", work))
+        await wait_for(lambda: [e for e in logs if e["event"] == "job_stalled"], timeout=10)
+    [event] = [e for e in logs if e["event"] == "job_stalled"]
+    assert event["job_id"] == job_id
+    assert (event["plugin_id"], event["tenant_id"], event["attempt"]) == ("testp", tenant, 1)
+    assert event["action"] == "requeued"
+
+
+async def test_delayed_job_waits_in_redis_with_no_worker(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A delayed job whose time comes while no worker runs is kept and runs later."""
+
+    async def work(ctx: Any, job: Any) -> str:
+        return "late"
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    job_id = await client.add_job("testp", "w", None, {"delay": 200}, tenant_id=tenant)
+    await asyncio.sleep(0.8)
+    status = await client.get_job_status("testp", "w", job_id)
+    assert status is not None
+    assert status.state == "delayed"
+    await start_worker(setup)
+    await wait_for(lambda: db.fetchval("SELECT count(*) FROM jobs"), timeout=10)
+    status = await client.get_job_status("testp", "w", job_id)
+    assert status is not None
+    assert (status.state, status.returnvalue) == ("completed", "late")
+
+
+async def test_progress_visible_while_running(
+    client: JobScheduler, start_worker: Any, tenant: str
+) -> None:
+    """job.update_progress is visible through get_job_status while the job is active."""
+    release = asyncio.Event()
+
+    async def slow(ctx: Any, job: Any) -> None:
+        await job.update_progress({"done": 3, "of": 10})
+        await release.wait()
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "slow", slow)
+
+    await setup(client)
+    await start_worker(setup)
+    job_id = await client.add_job("testp", "slow", None, tenant_id=tenant)
+
+    async def progressed() -> Any:
+        status = await client.get_job_status("testp", "slow", job_id)
+        return status if status is not None and status.progress else None
+
+    status = await wait_for(progressed, timeout=10)
+    assert (status.state, status.progress) == ("active", {"done": 3, "of": 10})
+    release.set()

@@ -295,6 +295,7 @@ class WorkerProcesses:
             DRM_KEY_PREFIX=settings.key_prefix,
             DRM_PLUGINS=PLUGIN_SPEC,
             DRM_ENTRY_POINTS="false",
+            DRM_ALLOW_UNSIGNED_PLUGINS="true",  # test plugins are not signed
             DRM_LEASE_MS=str(settings.lease_ms),
             DRM_STALLED_INTERVAL_MS=str(settings.stalled_interval_ms),
             DRM_LEDGER_FLUSH_MS=str(settings.ledger_flush_ms),

@@ -26,10 +26,7 @@ if TYPE_CHECKING:
 
 PLUGIN_ID: Final = "accept"
 TICK_CRON_ENV: Final = "ACCEPT_TICK_CRON"
-_DDL_LOCK: Final = 0x616363657074  # "accept": serialises concurrent on_load calls
-
-_DDL = f"""
-SELECT pg_advisory_xact_lock({_DDL_LOCK});
+_DDL = """
 CREATE TABLE IF NOT EXISTS accept_events (
   id         BIGSERIAL PRIMARY KEY,
   job_id     TEXT NOT NULL,
@@ -39,6 +36,7 @@ CREATE TABLE IF NOT EXISTS accept_events (
   pid        INTEGER NOT NULL,
   at         TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
 );
+SELECT drm_tenant_table('accept_events');
 """
 
 
@@ -74,12 +72,13 @@ async def tick(ctx: PluginContext, job: Job) -> str:
 
 
 async def on_load(ctx: PluginContext) -> None:
-    """Create ``accept_events`` and register the jobs for ``ctx.tenant_id``."""
-    await ctx.db.execute(_DDL)
+    """Register the jobs for ``ctx.tenant_id`` (``accept_events`` comes from the schema)."""
     await ctx.scheduler.register_job(ctx.plugin_id, "sleep", sleep, None)
     await ctx.scheduler.register_job(ctx.plugin_id, "echo", echo, None)
     cron = os.environ.get(TICK_CRON_ENV)
     await ctx.scheduler.register_job(ctx.plugin_id, "tick", tick, {"cron": cron} if cron else None)
 
 
-plugin = define_plugin(id=PLUGIN_ID, name="Acceptance tests", version="1.0.0", on_load=on_load)
+plugin = define_plugin(
+    id=PLUGIN_ID, name="Acceptance tests", version="1.0.0", on_load=on_load, schema=_DDL
+)

@@ -112,11 +112,12 @@ async def test_flaky_succeeds_on_its_third_attempt() -> None:
     assert await example.flaky(_ctx(), FakeJob(attempts_made=2)) == {"attempt": 3}
 
 
-def test_schema_sql_takes_the_lock_before_creating_the_table() -> None:
-    """The DDL starts with a transaction-scoped advisory lock and creates example_activities."""
+def test_schema_creates_the_table_with_row_level_security() -> None:
+    """The plugin's schema creates example_activities and puts it under tenant isolation."""
     sql = example.schema_sql()
-    assert sql.startswith("SELECT pg_advisory_xact_lock(")
+    assert example.plugin.schema == sql
     assert "CREATE TABLE IF NOT EXISTS example_activities" in sql
+    assert "SELECT drm_tenant_table('example_activities');" in sql
     assert "REFERENCES tenants(tenant_id) ON DELETE CASCADE" in sql
 
 

@@ -1,0 +1,67 @@
+"""The ``bench`` plugin: the jobs drm-taskiq runs in the benchmarks.
+
+Loaded by worker and scheduler processes through ``DRM_PLUGINS=bench.drm_plugin:plugin``.
+Jobs (registered by ``on_load`` for every tenant that enables the plugin):
+
+- ``noop``: does nothing; registered with ``attempts=3``, exponential backoff and a 30 s
+  timeout, so the retry policy and the timeout are armed as in production.
+- ``mark``: appends the time it ran to the Redis list ``job.data["k"]``.
+- ``lat``: appends (start time - ``job.data["t"]``) in ms to the Redis list ``job.data["k"]``.
+
+When ``BENCH_READY_KEY`` is set, ``on_load`` adds the process id to that Redis set (the suite
+waits for every worker process this way).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+
+from drm_taskiq import define_plugin
+
+if TYPE_CHECKING:
+    from drm_taskiq.context import PluginContext
+    from drm_taskiq.jobs import Job
+
+NOOP_OPTIONS: dict[str, Any] = {
+    "attempts": 3,
+    "backoff": {"type": "exponential", "delay": 1000},
+    "timeout": 30_000,
+}
+
+_client: aioredis.Redis | None = None
+
+
+def client() -> aioredis.Redis:
+    global _client  # noqa: PLW0603
+    if _client is None:
+        _client = aioredis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    return _client
+
+
+async def noop(ctx: PluginContext, job: Job) -> None:
+    return None
+
+
+async def mark(ctx: PluginContext, job: Job) -> None:
+    await client().rpush(job.data["k"], repr(time.time()))
+
+
+async def lat(ctx: PluginContext, job: Job) -> None:
+    started = time.time()
+    await client().rpush(job.data["k"], repr((started - float(job.data["t"])) * 1000))
+
+
+async def on_load(ctx: PluginContext) -> None:
+    await ctx.scheduler.register_job(ctx.plugin_id, "noop", noop, NOOP_OPTIONS)
+    await ctx.scheduler.register_job(ctx.plugin_id, "mark", mark, None)
+    await ctx.scheduler.register_job(ctx.plugin_id, "lat", lat, None)
+    key = os.environ.get("BENCH_READY_KEY")
+    if key:
+        await client().sadd(key, os.getpid())
+
+
+plugin = define_plugin(id="bench", name="Benchmark", version="1.0.0", on_load=on_load)

@@ -1,0 +1,87 @@
+"""Enqueue rate (1 and 32 concurrent producers) and enqueue-to-start latency at a steady rate.
+
+Producers run in their own process (``bench.client``), as an application would; latency is
+measured against one real worker process (``--workers 1``) that is started, warmed up and idle
+when the stream begins. Each ``lat`` job records (handler start time - time taken just before
+``kiq``) in a Redis list; p50/p99 are computed over all jobs of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from bench.common import log_dir, percentile, say, wait_until
+from bench.systems import System
+
+
+async def run_client(system: System, spec: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = {"system": system.name, "namespace": system.namespace, **spec}
+    log = (log_dir() / f"client-{name}.log").open("wb")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.client", json.dumps(spec),
+            stdout=asyncio.subprocess.PIPE, stderr=log, env=system.client_env(spec["queue"]),
+        )
+        out, _ = await proc.communicate()
+    finally:
+        log.close()
+    if proc.returncode != 0:
+        tail = (log_dir() / f"client-{name}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"client {name} failed ({proc.returncode}):\n{tail}")
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+async def run_enqueue(system: System, n: int, producers: list[int]) -> dict[str, Any]:
+    say(f"{system.label}: enqueue {n} jobs with {producers} producer(s)")
+    queue = "enqueue"
+    try:
+        result = await run_client(
+            system, {"mode": "enqueue", "queue": queue, "n": n, "producers": producers},
+            f"{system.name}-enqueue",
+        )
+    finally:
+        await system.clear(queue)
+    for key, value in result.items():
+        say(f"  -> {key} producer(s): {value['rate']} jobs/s")
+    return result
+
+
+async def run_latency(system: System, rate: float, duration: float) -> dict[str, Any]:
+    say(f"{system.label}: latency at {rate:g} jobs/s for {duration:g} s, 1 worker process")
+    queue = tag = "latency"
+    key = f"{system.namespace}:lat"
+    group = system.start_workers(queue, 1, tag)
+    try:
+        await system.wait_ready(group, tag, 1)
+        await system.warmup(queue, group)
+        await asyncio.sleep(0.5)
+        produced = await run_client(
+            system,
+            {"mode": "latency", "queue": queue, "rate": rate, "duration": duration, "key": key},
+            f"{system.name}-latency",
+        )
+
+        async def complete() -> bool:
+            return int(await system.redis.llen(key)) >= produced["jobs"]
+
+        await wait_until(complete, timeout=60, what="latency samples", procs=[group])
+        samples = [float(x) for x in await system.redis.lrange(key, 0, -1)]
+    finally:
+        group.stop()
+        await system.clear(queue, {"w": 300})
+        await system.redis.delete(key)
+    result = {
+        "rate": rate,
+        "duration_s": duration,
+        **produced,
+        "p50_ms": round(percentile(samples, 50), 3),
+        "p90_ms": round(percentile(samples, 90), 3),
+        "p99_ms": round(percentile(samples, 99), 3),
+        "max_ms": round(max(samples), 3),
+        "samples": len(samples),
+    }
+    say(f"  -> p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+    return result

@@ -1,0 +1,98 @@
+"""Process-wide API: get_scheduler/close_scheduler, log_plugin_run, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from drm_taskiq import (
+    InvalidInputError,
+    JobMetadata,
+    JobScheduler,
+    close_scheduler,
+    get_scheduler,
+    log_plugin_run,
+    store,
+)
+from drm_taskiq.settings import Settings
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_log_plugin_run_writes_the_spec_row(
+    client: JobScheduler, db: asyncpg.Pool, tenant: str
+) -> None:
+    """log_plugin_run inserts one row with the specification's layout."""
+    meta = JobMetadata(
+        job_id="j1", job_name="sync", attempts_made=1, timestamp=datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    row_id = await log_plugin_run("testp", tenant, "job:sync", "error", meta, "boom", pool=db)
+    row = await db.fetchrow("SELECT * FROM plugin_runs WHERE plugin_run_id = $1", row_id)
+    assert row is not None
+    assert (row["plugin_id"], row["tenant_id"], row["hook_name"]) == ("testp", tenant, "job:sync")
+    assert (row["status"], row["error"], row["args_hash"]) == ("error", "boom", None)
+    assert json.loads(row["result"])["jobId"] == "j1"
+    with pytest.raises(InvalidInputError) as caught:
+        await log_plugin_run("testp", tenant, "job:sync", "weird", pool=db)
+    assert caught.value.field == "status"
+
+
+async def test_get_scheduler_is_process_wide(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings, db: asyncpg.Pool
+) -> None:
+    """get_scheduler returns one instance bound to drm_taskiq.broker; close_scheduler resets it."""
+    for name, value in (
+        ("DRM_DB_SCHEMA", settings.db_schema),
+        ("DRM_KEY_PREFIX", settings.key_prefix),
+        ("DRM_ENTRY_POINTS", "false"),
+    ):
+        monkeypatch.setenv(name, value)
+    from drm_taskiq import broker as broker_module
+    from drm_taskiq.settings import get_settings
+
+    get_settings.cache_clear()
+    scheduler = get_scheduler()
+    assert get_scheduler() is scheduler
+    assert scheduler.broker is broker_module.broker
+    await close_scheduler()
+    get_settings.cache_clear()
+
+
+async def test_concurrent_migrations_apply_once(settings: Settings) -> None:
+    """Several processes migrating a fresh schema at once apply each migration once."""
+    try:
+        results = await asyncio.gather(*(store.migrate(settings) for _ in range(4)))
+        applied = [name for result in results for name in result]
+        assert sorted(applied) == sorted(set(applied))
+        assert any(results)
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            versions = await conn.fetchval(
+                f'SELECT count(*) FROM "{settings.db_schema}".schema_migrations'
+            )
+        finally:
+            await conn.close()
+        assert versions == len(applied)
+    finally:
+        conn = await asyncpg.connect(settings.database_url)
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE')
+        await conn.close()
+
+
+async def test_old_finished_jobs_are_pruned(
+    client: JobScheduler, db: asyncpg.Pool, tenant: str
+) -> None:
+    """Finished jobs older than the retention leave the jobs table; plugin_runs stays."""
+    await db.execute(
+        "INSERT INTO jobs (job_id, queue, plugin_id, tenant_id, job_name, state, attempts_made,"
+        " created_at, finished_at) VALUES ('old', 'default', 'testp', $1, 'x', 'failed', 1,"
+        " NOW() - interval '40 days', NOW() - interval '40 days'), ('new', 'default', 'testp',"
+        " $1, 'x', 'failed', 1, NOW(), NOW())",
+        tenant,
+    )
+    await client.broker._prune_finished()
+    assert await db.fetchval("SELECT array_agg(job_id) FROM jobs") == ["new"]

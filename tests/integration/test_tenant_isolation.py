@@ -1,0 +1,146 @@
+"""Row-level security: plugin code sees and writes only its own tenant's rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+
+from drm_taskiq import JobScheduler, create_plugin_context, store
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def two_tenants(client: JobScheduler, db: asyncpg.Pool, tenant: str) -> tuple[str, str]:
+    """Tenants acme and globex, each with one plugin_runs row of its own."""
+    await store.ensure_tenant(db, "globex", plugins={"testp": {}})
+    for tenant_id in (tenant, "globex"):
+        await db.execute(
+            "INSERT INTO plugin_runs (plugin_id, tenant_id, hook_name, status)"
+            " VALUES ('testp', $1, 'job:seed', 'success')",
+            tenant_id,
+        )
+    return tenant, "globex"
+
+
+async def test_hostile_query_sees_only_own_tenant(
+    client: JobScheduler, two_tenants: tuple[str, str]
+) -> None:
+    """A query without any tenant filter returns only the context tenant's rows."""
+    mine, _other = two_tenants
+    ctx = create_plugin_context("testp", mine, scheduler=client)
+    rows = await ctx.db.fetch("SELECT tenant_id FROM plugin_runs")
+    assert {r["tenant_id"] for r in rows} == {mine}
+    assert await ctx.db.fetchval("SELECT count(*) FROM tenant_plugins") == 1
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await ctx.db.fetchval("SELECT count(*) FROM tenants")
+
+
+async def test_writes_into_another_tenant_fail(
+    client: JobScheduler, db: asyncpg.Pool, two_tenants: tuple[str, str]
+) -> None:
+    """Inserting or updating another tenant's rows is refused or touches nothing."""
+    mine, other = two_tenants
+    ctx = create_plugin_context("testp", mine, scheduler=client)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await ctx.db.execute(
+            "INSERT INTO plugin_runs (plugin_id, tenant_id, hook_name, status)"
+            " VALUES ('testp', $1, 'job:x', 'success')",
+            other,
+        )
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await ctx.db.execute("UPDATE plugin_runs SET status = 'error'")
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs WHERE status = 'error'") == 0
+    await ctx.db.execute(
+        "INSERT INTO plugin_runs (plugin_id, tenant_id, hook_name, status)"
+        " VALUES ('testp', $1, 'job:own', 'success')",
+        mine,
+    )
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs WHERE hook_name = 'job:own'") == 1
+
+
+async def test_forged_tenant_binding_sees_nothing(
+    client: JobScheduler, two_tenants: tuple[str, str]
+) -> None:
+    """Setting app.tenant_id to another tenant without the secret's signature shows no rows."""
+    mine, other = two_tenants
+    ctx = create_plugin_context("testp", mine, scheduler=client)
+    async with ctx.db.connection() as conn:
+        await conn.execute("SELECT set_config('app.tenant_id', $1, true)", other)
+        assert await conn.fetchval("SELECT count(*) FROM plugin_runs") == 0
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetchval("SELECT value FROM drm_secrets")
+
+
+async def test_plugin_role_cannot_escape(
+    client: JobScheduler, two_tenants: tuple[str, str]
+) -> None:
+    """The plugin role cannot become another role or switch row-level security off."""
+    mine, _ = two_tenants
+    ctx = create_plugin_context("testp", mine, scheduler=client)
+    for statement in (
+        "SET ROLE postgres",
+        "SET row_security = off; SELECT count(*) FROM plugin_runs",
+        "ALTER TABLE plugin_runs DISABLE ROW LEVEL SECURITY",
+        "CREATE TABLE sneaky (x int)",
+    ):
+        with pytest.raises(asyncpg.PostgresError):
+            await ctx.db.execute(statement)
+    async with ctx.db.connection() as conn:
+        await conn.execute("RESET ROLE")
+        assert await conn.fetchval("SELECT current_user") == "drm_plugin"
+        assert await conn.fetchval("SELECT count(DISTINCT tenant_id) FROM plugin_runs") == 1
+
+
+async def test_handler_db_is_bound_to_the_jobs_tenant(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, two_tenants: tuple[str, str]
+) -> None:
+    """Inside a job, ctx.db sees the job's tenant's rows only."""
+    _mine, other = two_tenants
+
+    async def peek(ctx: Any, job: Any) -> Any:
+        rows = await ctx.db.fetch("SELECT DISTINCT tenant_id FROM plugin_runs")
+        return sorted(r["tenant_id"] for r in rows)
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "peek", peek)
+
+    await setup(client)
+    await start_worker(setup)
+    job_id = await client.add_job("testp", "peek", None, tenant_id=other)
+    await wait_for(lambda: db.fetchval("SELECT count(*) FROM jobs"))
+    status = await client.get_job_status("testp", "peek", job_id)
+    assert status is not None
+    assert status.returnvalue == [other]
+
+
+async def test_example_plugin_tables_are_isolated(
+    client: JobScheduler, db: asyncpg.Pool, two_tenants: tuple[str, str]
+) -> None:
+    """The example plugin's table, created from its schema, isolates tenants the same way."""
+    from drm_taskiq_example.plugin import plugin as example
+
+    assert example.schema is not None
+    await store.apply_plugin_schema(db, example.id, example.schema)
+    await store.apply_plugin_schema(db, example.id, example.schema)  # idempotent
+    mine, other = two_tenants
+    for tenant_id in (mine, other):
+        await db.execute(
+            "INSERT INTO example_activities (tenant_id, source, payload) VALUES ($1, 's', '{}')",
+            tenant_id,
+        )
+    ctx = create_plugin_context("example", mine, scheduler=client)
+    rows = await ctx.db.fetch("SELECT tenant_id FROM example_activities")
+    assert [r["tenant_id"] for r in rows] == [mine]
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await ctx.db.execute(
+            "INSERT INTO example_activities (tenant_id, source, payload) VALUES ($1, 's', '{}')",
+            other,
+        )
+    assert await ctx.db.execute("DELETE FROM example_activities") == "DELETE 1"
+    assert await db.fetchval("SELECT count(*) FROM example_activities") == 1
+    with pytest.raises(asyncpg.PostgresError):
+        await ctx.db.execute("ALTER TABLE example_activities DISABLE ROW LEVEL SECURITY")
