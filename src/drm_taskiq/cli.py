@@ -13,10 +13,10 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from redis.exceptions import RedisError
@@ -27,6 +27,9 @@ from drm_taskiq.logs import configure_logging
 from drm_taskiq.options import check_id
 from drm_taskiq.plugins import load_object, load_verified, plugin_directory
 from drm_taskiq.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from drm_taskiq.jobs import JobScheduler
 
 RUN_COLUMNS = ("executed_at", "tenant", "plugin", "hook_name", "status", "attempt", "error")
 ERROR_WIDTH = 60
@@ -47,6 +50,30 @@ def _limit(text: str) -> int:
     if not 1 <= value <= MAX_LIMIT:
         raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_LIMIT}")
     return value
+
+
+def _add_admin_commands(commands: Any) -> None:
+    """Failed jobs, schedules and the circuit breaker."""
+    failed = commands.add_parser("failed", help="list a tenant's failed jobs of a plugin")
+    failed.add_argument("plugin", metavar="PLUGIN")
+    failed.add_argument("--tenant", required=True, metavar="TENANT_ID")
+    failed.add_argument("--limit", type=_limit, default=50, metavar="N")
+
+    retry = commands.add_parser("retry", help="run a failed job again")
+    retry.add_argument("plugin", metavar="PLUGIN")
+    retry.add_argument("job", metavar="JOB")
+    retry.add_argument("job_id", metavar="JOB_ID")
+
+    schedules = commands.add_parser("schedules", help="a tenant's cron schedules, next runs")
+    schedules.add_argument("--tenant", required=True, metavar="TENANT_ID")
+    schedules.add_argument("--count", type=_limit, default=3, metavar="N")
+
+    paused = commands.add_parser("paused", help="plugins paused by the circuit breaker")
+    paused.add_argument("--tenant", metavar="TENANT_ID")
+
+    resume = commands.add_parser("resume", help="resume a plugin paused for a tenant")
+    resume.add_argument("plugin", metavar="PLUGIN")
+    resume.add_argument("--tenant", required=True, metavar="TENANT_ID")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("plugin", metavar="PLUGIN")
     status.add_argument("job", metavar="JOB")
     status.add_argument("job_id", metavar="JOB_ID")
+
+    _add_admin_commands(commands)
 
     plugins = commands.add_parser("plugins", help="sign plugins and verify their signatures")
     plugin_commands = plugins.add_subparsers(
@@ -242,6 +271,82 @@ async def _status(_: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _with_scheduler(action: Callable[[JobScheduler], Awaitable[int]]) -> int:
+    from drm_taskiq.jobs import get_scheduler  # noqa: PLC0415  (builds the broker: only here)
+
+    scheduler = get_scheduler()
+    await scheduler.start()
+    try:
+        return await action(scheduler)
+    finally:
+        await scheduler.close()
+
+
+async def _failed(_: Settings, args: argparse.Namespace) -> int:
+    async def action(scheduler: JobScheduler) -> int:
+        jobs = await scheduler.list_failed(args.plugin, tenant_id=args.tenant, limit=args.limit)
+        for job in jobs:
+            print(
+                f"{job.finished_on}  {job.job_name}  {job.id}  attempts={job.attempts_made}"
+                f"  {job.failed_reason}"
+            )
+        print(f"{len(jobs)} failed job(s)")
+        return 0
+
+    return await _with_scheduler(action)
+
+
+async def _retry(_: Settings, args: argparse.Namespace) -> int:
+    async def action(scheduler: JobScheduler) -> int:
+        if await scheduler.retry_job(args.plugin, args.job, args.job_id):
+            print(f"retrying {args.job_id}")
+            return 0
+        print(
+            f"error: job {args.job_id!r} is not a failed {args.plugin}:{args.job} job",
+            file=sys.stderr,
+        )
+        return 1
+
+    return await _with_scheduler(action)
+
+
+async def _schedules(_: Settings, args: argparse.Namespace) -> int:
+    async def action(scheduler: JobScheduler) -> int:
+        infos = await scheduler.list_schedules(args.tenant, count=args.count)
+        for info in infos:
+            nxt = ", ".join(run.isoformat() for run in info.next_runs)
+            print(
+                f"{info.plugin_id}:{info.job_name}  {info.cron!r} {info.tz}  next: {nxt}"
+                f"  last: {info.last_fired} {info.last_status or ''}"
+            )
+        print(f"{len(infos)} schedule(s)")
+        return 0
+
+    return await _with_scheduler(action)
+
+
+async def _paused(_: Settings, args: argparse.Namespace) -> int:
+    async def action(scheduler: JobScheduler) -> int:
+        pairs = await scheduler.paused_plugins(args.tenant)
+        for tenant_id, plugin_id in pairs:
+            print(f"{tenant_id}  {plugin_id}")
+        print(f"{len(pairs)} paused")
+        return 0
+
+    return await _with_scheduler(action)
+
+
+async def _resume(_: Settings, args: argparse.Namespace) -> int:
+    async def action(scheduler: JobScheduler) -> int:
+        if await scheduler.resume_plugin(args.plugin, tenant_id=args.tenant):
+            print(f"resumed {args.plugin} for {args.tenant}")
+        else:
+            print(f"{args.plugin} was not paused for {args.tenant}")
+        return 0
+
+    return await _with_scheduler(action)
+
+
 def plugin_spec(spec: str) -> str:
     """The module of a ``MODULE:ATTR`` plugin spec; InvalidInputError if it is not one."""
     module, _, attribute = spec.partition(":")
@@ -330,6 +435,11 @@ _COMMANDS = {
     "runs": _runs,
     "enqueue": _enqueue,
     "status": _status,
+    "failed": _failed,
+    "retry": _retry,
+    "schedules": _schedules,
+    "paused": _paused,
+    "resume": _resume,
     "plugins": _plugins,
 }
 

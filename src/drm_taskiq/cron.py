@@ -50,6 +50,8 @@ class CronSchedule:
     kwargs: dict[str, Any] = field(default_factory=dict)
     missed: MissedPolicy = "latest"
     overlap: Literal["allow", "skip"] = "allow"
+    tenant_id: str = ""
+    plugin_id: str = ""
 
     def key(self) -> tuple[Any, ...]:
         return (
@@ -157,6 +159,8 @@ class CronEngine:
                 kwargs={"tenant_id": row["tenant_id"]},
                 missed=opts.missed,
                 overlap=opts.overlap,
+                tenant_id=row["tenant_id"],
+                plugin_id=row["plugin_id"],
             )
         for schedule in await label_schedules(self.broker):
             found[schedule.schedule_id] = schedule
@@ -201,10 +205,16 @@ class CronEngine:
                 self._loaded_at = time.monotonic()
                 log.warning("schedules_reload_failed", error=f"{type(exc).__name__}: {exc}")
         fired = 0
+        paused: set[tuple[str, str]] | None = None
         for schedule_id, schedule in list(self.schedules.items()):
             nxt = self._next.get(schedule_id)
             if nxt is not None and nxt > now:
                 continue
+            if schedule.tenant_id:
+                paused = await self.broker.queue.paused() if paused is None else paused
+                if (schedule.tenant_id, schedule.plugin_id) in paused:
+                    self._skip_paused(schedule, now)
+                    continue
             try:
                 fired += await self._tick_one(schedule, now)
             except RedisError:
@@ -217,6 +227,18 @@ class CronEngine:
                 )
                 self._next[schedule_id] = now + timedelta(seconds=5)
         return fired
+
+    def _skip_paused(self, schedule: CronSchedule, now: datetime) -> None:
+        """A paused (tenant, plugin) does not fire; its slots pass (``missed`` applies later)."""
+        nxt = next_slot(schedule.cron, schedule.tz, now)
+        if self._next.get(schedule.schedule_id) != nxt:
+            log.info(
+                "schedule_paused",
+                schedule_id=schedule.schedule_id,
+                tenant_id=schedule.tenant_id,
+                plugin_id=schedule.plugin_id,
+            )
+        self._next[schedule.schedule_id] = nxt
 
     async def _tick_one(self, schedule: CronSchedule, now: datetime) -> int:
         schedule_id = schedule.schedule_id

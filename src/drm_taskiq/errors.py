@@ -31,6 +31,14 @@ class UnknownTenantError(InvalidInputError):
     """The tenant does not exist or does not have the plugin enabled."""
 
 
+class RateLimitedError(InvalidInputError):
+    """The tenant enqueues faster than its limit allows; nothing was enqueued."""
+
+
+class LimitExceededError(InvalidInputError):
+    """A configured limit (schedules per tenant, ...) would be exceeded; nothing was changed."""
+
+
 class PluginLoadError(DrmTaskiqError):
     """A plugin could not be loaded."""
 

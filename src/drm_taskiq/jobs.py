@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 from taskiq import Context, TaskiqDepends
+from taskiq.exceptions import SendTaskError
 
 from drm_taskiq import schedules, store
 from drm_taskiq.context import PluginContext, create_plugin_context
 from drm_taskiq.errors import (
     DrmTaskiqError,
     InvalidInputError,
+    LimitExceededError,
     UnknownJobError,
     UnrecoverableError,
 )
@@ -134,6 +136,7 @@ class JobScheduler:
                 settings.plugins,
                 use_entry_points=settings.entry_points,
                 errors=self.plugin_load_errors,
+                settings=settings,
             )
         for plugin in plugins:
             self.loaded_plugins[plugin.id] = plugin
@@ -237,6 +240,7 @@ class JobScheduler:
         )
         if opts.cron is not None and tenant_id is not None:
             check_id(tenant_id, "tenant_id")
+            await self._check_schedule_limit(tenant_id, plugin_id, job_name)
             await schedules.upsert(self.pool, tenant_id, plugin_id, job_name, opts)
             log.info(
                 "schedule_registered",
@@ -246,6 +250,37 @@ class JobScheduler:
                 cron=opts.cron,
                 tz=opts.tz,
             )
+
+    async def _check_schedule_limit(self, tenant_id: str, plugin_id: str, job_name: str) -> None:
+        limit = self.settings.max_schedules_per_tenant
+        others = await self.pool.fetchval(
+            "SELECT count(*) FROM schedules WHERE tenant_id = $1"
+            " AND (plugin_id, job_name) <> ($2, $3)",
+            tenant_id,
+            plugin_id,
+            job_name,
+        )
+        if others >= limit:
+            raise LimitExceededError(
+                "options.cron",
+                f"tenant {tenant_id!r} already has {others} schedules; the limit is {limit}"
+                " (DRM_MAX_SCHEDULES_PER_TENANT)",
+            )
+
+    # ------------------------------------------------------------------ circuit breaker
+    async def paused_plugins(self, tenant_id: str | None = None) -> list[tuple[str, str]]:
+        """(tenant, plugin) pairs whose schedules the circuit breaker paused."""
+        pairs = await self.broker.queue.paused()
+        return sorted(p for p in pairs if tenant_id is None or p[0] == tenant_id)
+
+    async def resume_plugin(self, plugin_id: str, *, tenant_id: str) -> bool:
+        """Resume a paused plugin's schedules for a tenant; True when it was paused."""
+        check_id(plugin_id, "plugin_id")
+        check_id(tenant_id, "tenant_id")
+        resumed = await self.broker.queue.resume(tenant_id, plugin_id)
+        if resumed:
+            log.info("circuit_closed", tenant_id=tenant_id, plugin_id=plugin_id)
+        return resumed
 
     def _check_limits(self, opts: JobOptions) -> None:
         settings = self.settings
@@ -364,9 +399,13 @@ class JobScheduler:
         labels = base.merged(opts).labels(self.settings.default_timeout_ms)
         if opts.job_id is not None:
             labels[LABEL_DEDUP] = 1
-        await (
-            task.kicker().with_task_id(job_id).with_labels(**labels).kiq(data, tenant_id=tenant_id)
-        )
+        kicker = task.kicker().with_task_id(job_id).with_labels(**labels)
+        try:
+            await kicker.kiq(data, tenant_id=tenant_id)
+        except SendTaskError as exc:
+            if isinstance(exc.__cause__, DrmTaskiqError):
+                raise exc.__cause__ from None
+            raise
         return job_id
 
     # ------------------------------------------------------------------ state

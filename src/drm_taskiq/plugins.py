@@ -100,18 +100,16 @@ def plugin_directory(module_name: str) -> Path:
     package), found without importing either: the unit a plugin signature covers."""
     try:
         spec = _find_spec(module_name)
+        if spec is not None and spec.submodule_search_locations is None:
+            if not spec.parent:
+                raise PluginSignatureError(
+                    f"module {module_name!r} is not in a package; only packages can be signed"
+                )
+            spec = _find_spec(spec.parent)
     except (ImportError, ValueError) as exc:
         raise PluginLoadError(f"cannot find module {module_name!r}: {exc}") from exc
     if spec is None:
         raise PluginLoadError(f"no module named {module_name!r}")
-    if spec.submodule_search_locations is None:
-        if not spec.parent:
-            raise PluginSignatureError(
-                f"module {module_name!r} is not in a package; only packages can be signed"
-            )
-        spec = _find_spec(spec.parent)
-        if spec is None:  # pragma: no cover - the module was found, so its package exists
-            raise PluginLoadError(f"no package holding {module_name!r}")
     origin = Path(spec.origin) if spec.has_location and spec.origin else None
     if origin is None or not origin.name.startswith("__init__.") or not origin.is_file():
         raise PluginSignatureError(
@@ -264,7 +262,8 @@ def discover_plugins(
                     errors.append(entry.name)
                 continue
             except Exception as exc:
-                log.error("plugin_load_failed", entry_point=entry.name, error=repr(exc))
+                error = str(exc) if isinstance(exc, PluginLoadError) else repr(exc)
+                log.error("plugin_load_failed", entry_point=entry.name, error=error)
                 if errors is not None:
                     errors.append(entry.name)
                 continue

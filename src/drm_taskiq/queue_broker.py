@@ -30,7 +30,7 @@ from taskiq import AckableMessage, BrokerMessage
 from taskiq_redis import ListQueueBroker
 
 from drm_taskiq import store
-from drm_taskiq.errors import RedisUnavailableError
+from drm_taskiq.errors import RateLimitedError, RedisUnavailableError
 from drm_taskiq.logs import configure_logging
 from drm_taskiq.middlewares import LifecycleMiddleware, PendingOutcome, ValidationMiddleware
 from drm_taskiq.middlewares.validation import TenantGate
@@ -50,6 +50,7 @@ from drm_taskiq.settings import Settings, mask_url
 
 log = structlog.get_logger()
 
+CIRCUIT_OPENED = 2  # finish.lua's answer when a failure paused the tenant's plugin
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -164,6 +165,7 @@ class DrmBroker(ListQueueBroker):
     async def kick(self, message: BrokerMessage) -> None:
         """Add the message as a job (idempotent when the job id already exists)."""
         labels = message.labels
+        tenant_id = str(labels.get(LABEL_TENANT, ""))
         created, state = await self.queue.enqueue(
             message.task_id,
             message.message,
@@ -174,10 +176,18 @@ class DrmBroker(ListQueueBroker):
                 "name": message.task_name,
                 "plugin": str(labels.get(LABEL_PLUGIN, "")),
                 "job": str(labels.get(LABEL_JOB, "")),
-                "tenant": str(labels.get(LABEL_TENANT, "")),
+                "tenant": tenant_id,
             },
+            rate_limit=self.settings.tenant_enqueue_rate if tenant_id else 0,
         )
-        if not created:
+        if created == -1:
+            log.warning("job_rate_limited", tenant_id=tenant_id, job_id=message.task_id)
+            raise RateLimitedError(
+                "tenant_id",
+                f"tenant {tenant_id!r} is over its enqueue limit of"
+                f" {self.settings.tenant_enqueue_rate} jobs per second; retry later",
+            )
+        if created == 0:
             self.duplicates.add(message.task_id)
             log.info("job_duplicate_ignored", job_id=message.task_id, state=state)
 
@@ -310,10 +320,22 @@ class DrmBroker(ListQueueBroker):
             settled = await self._finish_with_retry(delivery, pending)
             if not settled:
                 log.warning("job_lease_lost", job_id=delivery.job_id, outcome=pending.outcome)
+            elif settled == CIRCUIT_OPENED:
+                await self._circuit_opened(delivery.job_id)
         finally:
             self._release(delivery.job_id)
 
-    async def _finish_with_retry(self, delivery: Delivery, pending: PendingOutcome) -> bool:
+    async def _circuit_opened(self, job_id: str) -> None:
+        raw = await self.queue.job(job_id) or {}
+        log.error(
+            "circuit_opened",
+            tenant_id=raw.get("tenant"),
+            plugin_id=raw.get("plugin"),
+            job_id=job_id,
+            consecutive_failures=self.settings.breaker_threshold,
+        )
+
+    async def _finish_with_retry(self, delivery: Delivery, pending: PendingOutcome) -> int:
         started = time.monotonic()
         attempt = 0
         while True:
@@ -325,12 +347,13 @@ class DrmBroker(ListQueueBroker):
                     due_ms=pending.due_ms,
                     extra=pending.extra,
                     started_ms=self._started.get(delivery.job_id),
+                    breaker_threshold=self.settings.breaker_threshold,
                 )
             except _TRANSIENT as exc:
                 attempt += 1
                 if time.monotonic() - started > self.settings.redis_outage_limit_s:
                     log.error("job_ack_failed", job_id=delivery.job_id, error=repr(exc))
-                    return False
+                    return 0
                 await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
 
     def _release(self, job_id: str) -> None:

@@ -98,6 +98,17 @@ class QueueKeys:
     def dead(self) -> str:
         return f"{self.base}:dead"
 
+    def rate(self, tenant_id: str, second: int) -> str:
+        return f"{self.base}:rate:{tenant_id}:{second}"
+
+    @property
+    def breaker(self) -> str:
+        return f"{self.base}:breaker"
+
+    @property
+    def paused(self) -> str:
+        return f"{self.base}:paused"
+
     @property
     def stalled_lock(self) -> str:
         return f"{self.base}:stalled-check"
@@ -128,17 +139,28 @@ class RedisQueue:
         delay_ms: int,
         dedup_ttl_ms: int,
         fields: dict[str, str],
-    ) -> tuple[bool, str]:
-        """Add a job; ``(False, state)`` when a job with this id exists (nothing is changed)."""
+        rate_limit: int = 0,
+    ) -> tuple[int, str]:
+        """Add a job: ``(1, state)`` when added, ``(0, state)`` when a job with this id exists
+        (nothing is changed), ``(-1, count)`` when the tenant is over ``rate_limit`` per second."""
         k = self.keys
         flat: list[str | bytes] = ["msg", message]
         for key, value in fields.items():
             flat.extend((key, value))
+        now = now_ms()
         created, state = await self._scripts["enqueue"](
-            keys=[k.job(job_id), k.wait, k.delayed, k.seq, k.marker, k.dedup(job_id)],
-            args=[job_id, now_ms(), delay_ms, priority, dedup_ttl_ms, *flat],
+            keys=[
+                k.job(job_id),
+                k.wait,
+                k.delayed,
+                k.seq,
+                k.marker,
+                k.dedup(job_id),
+                k.rate(fields.get("tenant", ""), now // 1000),
+            ],
+            args=[job_id, now, delay_ms, priority, dedup_ttl_ms, rate_limit, *flat],
         )
-        return bool(created), _text(state)
+        return int(created), _text(state)
 
     async def take(
         self, token: str, count: int, lease_ms: int
@@ -171,11 +193,23 @@ class RedisQueue:
         due_ms: int = 0,
         extra: dict[str, Any] | None = None,
         started_ms: int | None = None,
-    ) -> bool:
-        """Settle one attempt atomically (state, ledger entry, ack); False if the lease was lost."""
+        breaker_threshold: int = 0,
+    ) -> int:
+        """Settle one attempt atomically (state, ledger entry, ack): 1 when settled, 2 when this
+        failure also paused the tenant's plugin (circuit breaker), 0 if the lease was lost."""
         k = self.keys
         settled = await self._scripts["finish"](
-            keys=[k.job(delivery.job_id), k.active, k.wait, k.delayed, k.ledger, k.marker, k.dead],
+            keys=[
+                k.job(delivery.job_id),
+                k.active,
+                k.wait,
+                k.delayed,
+                k.ledger,
+                k.marker,
+                k.dead,
+                k.breaker,
+                k.paused,
+            ],
             args=[
                 delivery.job_id,
                 delivery.token,
@@ -185,9 +219,10 @@ class RedisQueue:
                 due_ms,
                 json.dumps(extra or {}),
                 "" if started_ms is None else started_ms,
+                breaker_threshold,
             ],
         )
-        return bool(settled)
+        return int(settled)
 
     async def extend(self, leases: list[tuple[str, str]], lease_ms: int) -> list[str]:
         """Renew leases given as (job id, token); returns the ids whose lease was lost."""
@@ -257,6 +292,20 @@ class RedisQueue:
     async def set_progress(self, job_id: str, progress: Any) -> None:
         """Record a running job's progress (JSON)."""
         await self.redis.hset(self.keys.job(job_id), "progress", json.dumps(progress))
+
+    async def paused(self) -> set[tuple[str, str]]:
+        """(tenant, plugin) pairs paused by the circuit breaker."""
+        members = await self.redis.smembers(self.keys.paused)
+        return {tuple(_text(m).split(":", 1)) for m in members}  # type: ignore[misc]
+
+    async def resume(self, tenant_id: str, plugin_id: str) -> bool:
+        """Close the circuit of (tenant, plugin); True when it was open."""
+        who = f"{tenant_id}:{plugin_id}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.srem(self.keys.paused, who)
+            pipe.hdel(self.keys.breaker, who)
+            removed, _ = await pipe.execute()
+        return bool(removed)
 
     async def counts(self) -> dict[str, int]:
         """How many jobs are waiting, delayed and active."""

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     allow_unsigned_plugins: bool = False
     ledger_claim_idle_ms: int = Field(default=30_000, ge=100)
     job_retention_days: int = Field(default=30, ge=1)
+    breaker_threshold: int = Field(default=10, ge=0)
+    tenant_enqueue_rate: int = Field(default=0, ge=0)
+    max_schedules_per_tenant: int = Field(default=100, ge=1)
     plugin_database_url: str | None = None
 
     def plugin_dsn(self) -> str:

@@ -176,3 +176,19 @@ def test_format_runs_shows_missing_values_as_blank() -> None:
 def test_format_runs_without_rows() -> None:
     """An empty history prints a placeholder instead of a bare header."""
     assert cli.format_runs([]) == "(no runs)"
+
+
+def test_admin_commands_parse() -> None:
+    """failed, retry, schedules, paused and resume parse their arguments."""
+    from drm_taskiq.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["failed", "example", "--tenant", "acme", "--limit", "5"])
+    assert (args.command, args.plugin, args.tenant, args.limit) == ("failed", "example", "acme", 5)
+    args = parser.parse_args(["retry", "example", "flaky", "j1"])
+    assert (args.plugin, args.job, args.job_id) == ("example", "flaky", "j1")
+    args = parser.parse_args(["schedules", "--tenant", "acme"])
+    assert (args.tenant, args.count) == ("acme", 3)
+    assert parser.parse_args(["paused"]).tenant is None
+    args = parser.parse_args(["resume", "example", "--tenant", "acme"])
+    assert (args.plugin, args.tenant) == ("example", "acme")

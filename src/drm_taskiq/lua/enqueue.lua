@@ -1,10 +1,18 @@
 -- Add a job. Atomic: the job hash, its place in wait or delayed, and the wake-up marker.
--- KEYS: 1 job hash, 2 wait zset, 3 delayed zset, 4 seq counter, 5 marker list, 6 dedup key
+-- KEYS: 1 job hash, 2 wait zset, 3 delayed zset, 4 seq counter, 5 marker list, 6 dedup key,
+--       7 the tenant's enqueue counter for the current second
 -- ARGV: 1 job id, 2 now (ms), 3 delay (ms), 4 priority, 5 dedup ttl (ms, 0 = none),
---       6.. field/value pairs stored in the job hash
--- Returns {1, "waiting"|"delayed"} for a new job, {0, state} when the id already exists.
+--       6 the tenant's enqueue limit per second (0 = none), 7.. field/value pairs for the hash
+-- Returns {1, "waiting"|"delayed"} for a new job, {0, state} when the id already exists,
+-- {-1, count} when the tenant is over its rate limit (nothing is written but the counter).
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then return {0, state} end
+local limit = tonumber(ARGV[6])
+if limit > 0 then
+  local count = redis.call('INCR', KEYS[7])
+  if count == 1 then redis.call('PEXPIRE', KEYS[7], 2000) end
+  if count > limit then return {-1, tostring(count)} end
+end
 local dedup_ttl = tonumber(ARGV[5])
 if dedup_ttl > 0 then
   if not redis.call('SET', KEYS[6], '1', 'NX', 'PX', dedup_ttl) then return {0, 'finished'} end
@@ -14,7 +22,7 @@ local now = tonumber(ARGV[2])
 local delay = tonumber(ARGV[3])
 local pri = tonumber(ARGV[4])
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], 'seq', seq, 'ts', now, 'attempts', 0, 'stalled', 0, 'pri', pri, unpack(fields))
 if delay > 0 then
   redis.call('HSET', KEYS[1], 'state', 'delayed', 'due', now + delay)

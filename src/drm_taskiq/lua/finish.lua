@@ -1,9 +1,12 @@
 -- Settle one attempt of a leased job. Only the lease holder (same token, still active) may.
--- KEYS: 1 job hash, 2 active, 3 wait, 4 delayed, 5 ledger stream, 6 marker, 7 dead list
+-- KEYS: 1 job hash, 2 active, 3 wait, 4 delayed, 5 ledger stream, 6 marker, 7 dead list,
+--       8 circuit-breaker failure counts (hash), 9 paused (tenant:plugin set)
 -- ARGV: 1 id, 2 token, 3 outcome (completed|retry|failed|requeue|dead), 4 now (ms),
 --       5 value (returnvalue JSON for completed, reason otherwise), 6 due (ms, retry only),
---       7 extra metadata JSON (merged into the ledger entry), 8 start time of the attempt (ms)
--- Returns 1 when settled, 0 when the lease was lost.
+--       7 extra metadata JSON (merged into the ledger entry), 8 start time of the attempt (ms),
+--       9 consecutive failed attempts that pause a (tenant, plugin) (0 = never)
+-- Returns 1 when settled, 2 when settled and this failure paused the tenant's plugin,
+-- 0 when the lease was lost.
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[2] then return 0 end
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 local outcome = ARGV[3]
@@ -44,4 +47,13 @@ local entry = {
 }
 if final == 1 and status == 'error' then entry['msg'] = f[8] end
 redis.call('XADD', KEYS[5], '*', 'e', cjson.encode(entry))
+local threshold = tonumber(ARGV[9] or '0')
+if threshold > 0 and f[1] and f[2] then
+  local who = f[2] .. ':' .. f[1]
+  if status == 'success' then
+    redis.call('HDEL', KEYS[8], who)
+  elseif redis.call('HINCRBY', KEYS[8], who, 1) >= threshold then
+    if redis.call('SADD', KEYS[9], who) == 1 then return 2 end
+  end
+end
 return 1
