@@ -16,7 +16,7 @@ import structlog
 from taskiq import Context, TaskiqDepends
 from taskiq.exceptions import SendTaskError
 
-from drm_taskiq import schedules, store
+from drm_taskiq import redaction, schedules, store
 from drm_taskiq.context import PluginContext, create_plugin_context
 from drm_taskiq.errors import (
     DrmTaskiqError,
@@ -179,6 +179,8 @@ class JobScheduler:
             log.warning("tenant_config_stale", tenant_id=tenant_id, error=repr(exc))
             return None if hit[1] is None else dict(hit[1])
         config = None if raw is None else json.loads(raw)
+        if config:
+            redaction.remember(redaction.secret_values(config))
         if len(self._configs) > 10_000:
             self._configs.clear()
         self._configs[key] = (now, config)

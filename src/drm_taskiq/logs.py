@@ -9,6 +9,8 @@ from typing import Any
 
 import structlog
 
+from drm_taskiq.redaction import redact
+
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
 _QUERY_SECRET = re.compile(
     r"(?P<head>(?:^|[?&;\s])(?:password|passwd|pwd|secret|token)=)[^&\s]+", re.IGNORECASE
@@ -16,18 +18,30 @@ _QUERY_SECRET = re.compile(
 
 
 def mask_secrets(text: str) -> str:
-    """``text`` with URL passwords and ``password=...`` values replaced by ``***``."""
+    """``text`` with URL passwords, ``password=...`` values and plugin config secrets masked."""
     text = _URL_PASSWORD.sub(r"\g<head>***@", text)
-    return _QUERY_SECRET.sub(r"\g<head>***", text)
+    return redact(_QUERY_SECRET.sub(r"\g<head>***", text))
 
 
 def _drop_secrets(
     _: Any, __: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
     for key, value in list(event_dict.items()):
-        if isinstance(value, str) and ("://" in value or "=" in value):
+        if isinstance(value, str):
             event_dict[key] = mask_secrets(value)
+        elif isinstance(value, (dict, list)):
+            event_dict[key] = _mask_nested(value)
     return event_dict
+
+
+def _mask_nested(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, dict):
+        return {k: _mask_nested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_nested(v) for v in value]
+    return value
 
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:

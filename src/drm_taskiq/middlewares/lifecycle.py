@@ -24,6 +24,7 @@ from drm_taskiq.options import (
     LABEL_TIMEOUT,
     RetryOptions,
 )
+from drm_taskiq.redaction import redact
 from drm_taskiq.redis_queue import Outcome
 from drm_taskiq.retry import decide, describe
 
@@ -55,9 +56,10 @@ def _identity(message: TaskiqMessage) -> dict[str, Any]:
 
 def _returnvalue(value: Any) -> str:
     try:
-        return json.dumps(value, allow_nan=False, default=str)
+        text = json.dumps(value, allow_nan=False, default=str)
     except (TypeError, ValueError):
-        return json.dumps(repr(value))
+        text = json.dumps(repr(value))
+    return redact(text)
 
 
 class LifecycleMiddleware(TaskiqMiddleware):
@@ -131,7 +133,7 @@ class LifecycleMiddleware(TaskiqMiddleware):
                 error = JobTimeoutError(f"timed out after {timeout_ms} ms")
                 extra["timedOut"] = True
                 job_log.warning("job_timed_out", timeout_ms=timeout_ms, duration_ms=duration_ms)
-            reason = describe(error)
+            reason = redact(describe(error))
             job_log.warning("job_failed", error=reason, duration_ms=duration_ms)
             decision = decide(
                 attempt,
