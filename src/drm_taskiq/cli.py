@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("job", metavar="JOB")
     enqueue.add_argument("--tenant", required=True)
     enqueue.add_argument("--data", help="JSON payload")
-    enqueue.add_argument("--priority", type=int, help="0 (highest) .. 2**21")
+    enqueue.add_argument("--priority", type=int, help="0 (highest) .. 2**21 - 1")
     enqueue.add_argument("--delay", type=int, metavar="MS", help="milliseconds before it may run")
     enqueue.add_argument("--job-id", help="caller-chosen id (deduplicates)")
 

@@ -246,10 +246,11 @@ class CronEngine:
         slots = due_slots(schedule.cron, schedule.tz, last, now)
         fired = 0
         for slot in slots_to_fire(slots, now, schedule.missed):
-            if not await self._fire(schedule, slot):
+            result = await self._fire(schedule, slot)
+            if result == "failed":  # not marked fired: the next tick tries this slot again
                 self._next[schedule_id] = now + timedelta(seconds=1)
                 return fired
-            fired += 1
+            fired += result == "fired"
         newest = slots[-1] if slots else last
         if slots:
             await self._advance(schedule_id, newest)
@@ -268,7 +269,9 @@ class CronEngine:
             value,
         )
 
-    async def _fire(self, schedule: CronSchedule, slot: datetime) -> bool:
+    async def _fire(
+        self, schedule: CronSchedule, slot: datetime
+    ) -> Literal["fired", "skipped", "failed"]:
         slot_ms = int(slot.timestamp() * 1000)
         job_id = f"cron:{schedule.schedule_id}:{slot_ms}"
         if schedule.overlap == "skip":
@@ -281,7 +284,7 @@ class CronEngine:
                     log.info(
                         "schedule_slot_skipped", schedule_id=schedule.schedule_id, reason="overlap"
                     )
-                    return False
+                    return "skipped"
         labels = {
             **schedule.labels,
             LABEL_DEDUP: CRON_DEDUP_TTL_S,
@@ -295,7 +298,7 @@ class CronEngine:
             )
         except Exception as exc:
             log.error("schedule_fire_failed", schedule_id=schedule.schedule_id, error=repr(exc))
-            return False
+            return "failed"
         await self.broker.redis.hset(self.lastjob_key, schedule.schedule_id, job_id)
         log.info(
             "schedule_fired",
@@ -304,7 +307,7 @@ class CronEngine:
             job_id=job_id,
             late_ms=int((datetime.now(UTC) - slot).total_seconds() * 1000),
         )
-        return True
+        return "fired"
 
     async def run(self) -> None:
         """Tick forever, a few times a second; errors are logged and retried."""

@@ -269,6 +269,14 @@ class JobScheduler:
                 " (DRM_MAX_SCHEDULES_PER_TENANT)",
             )
 
+    async def set_tenant_concurrency(self, tenant_id: str, limit: int | None) -> None:
+        """At most ``limit`` jobs of the tenant run at once across all workers (None: back to
+        ``DRM_TENANT_CONCURRENCY``; 0: no limit)."""
+        check_id(tenant_id, "tenant_id")
+        if limit is not None and limit < 0:
+            raise InvalidInputError("limit", "must be 0 (no limit) or more")
+        await self.broker.queue.set_tenant_limit(tenant_id, limit)
+
     # ------------------------------------------------------------------ circuit breaker
     async def paused_plugins(self, tenant_id: str | None = None) -> list[tuple[str, str]]:
         """(tenant, plugin) pairs whose schedules the circuit breaker paused."""
@@ -328,8 +336,9 @@ class JobScheduler:
         """
         if self.plugin_load_errors:
             log.warning("schedule_prune_limited", plugin_load_errors=self.plugin_load_errors)
-            return await schedules.prune(self.pool, None)
-        return await schedules.prune(self.pool, set(self.loaded_plugins))
+        return await schedules.prune(
+            self.pool, set(self.loaded_plugins), delete_unknown=not self.plugin_load_errors
+        )
 
     def _task_function(self, plugin_id: str, job_name: str) -> Callable[..., Awaitable[Any]]:
         scheduler = self

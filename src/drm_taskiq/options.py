@@ -35,7 +35,7 @@ LABEL_BACKOFF_DELAY = "backoff_delay"  # milliseconds
 LABEL_BACKOFF_JITTER = "backoff_jitter"  # 0..1
 LABEL_BACKOFF_MAX = "backoff_max"  # milliseconds, 0 = no bound
 LABEL_TIMEOUT = "timeout"  # seconds: taskiq's receiver enforces this label
-LABEL_DEDUP = "dedup"  # "1" when the caller chose the job id
+LABEL_DEDUP = "dedup"  # "1"/"true": keep a dedup key for DRM_DEDUP_TTL_S; N > 1: N seconds
 LABEL_SCHEDULE = "schedule_id"
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

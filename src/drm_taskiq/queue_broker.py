@@ -284,7 +284,9 @@ class DrmBroker(ListQueueBroker):
     async def _take(self, count: int) -> tuple[list[Delivery], int | None]:
         self._take_counter += 1
         token = f"{self.worker_id}:{self._take_counter}"
-        call = asyncio.ensure_future(self.queue.take(token, count, self.settings.lease_ms))
+        call = asyncio.ensure_future(
+            self.queue.take(token, count, self.settings.lease_ms, self.settings.tenant_concurrency)
+        )
         try:
             deliveries, next_due = await asyncio.shield(call)
         except asyncio.CancelledError:

@@ -83,8 +83,16 @@ class QueueKeys:
         return f"{self.base}:active"
 
     @property
-    def seq(self) -> str:
-        return f"{self.base}:seq"
+    def fair(self) -> str:
+        return f"{self.base}:fair"
+
+    @property
+    def running(self) -> str:
+        return f"{self.base}:running"
+
+    @property
+    def limits(self) -> str:
+        return f"{self.base}:limits"
 
     @property
     def marker(self) -> str:
@@ -153,7 +161,7 @@ class RedisQueue:
                 k.job(job_id),
                 k.wait,
                 k.delayed,
-                k.seq,
+                k.fair,
                 k.marker,
                 k.dedup(job_id),
                 k.rate(fields.get("tenant", ""), now // 1000),
@@ -163,13 +171,15 @@ class RedisQueue:
         return int(created), _text(state)
 
     async def take(
-        self, token: str, count: int, lease_ms: int
+        self, token: str, count: int, lease_ms: int, tenant_limit: int = 0
     ) -> tuple[list[Delivery], int | None]:
-        """Lease up to ``count`` jobs; also returns when the next delayed job is due (ms)."""
+        """Lease up to ``count`` jobs, at most ``tenant_limit`` running per tenant (0 = no
+        limit; per-tenant overrides in the limits hash); also returns when the next delayed
+        job is due (ms)."""
         k = self.keys
         raw, next_due = await self._scripts["take"](
-            keys=[k.wait, k.delayed, k.active, k.seq, k.marker],
-            args=[now_ms(), lease_ms, token, count, k.job_prefix],
+            keys=[k.wait, k.delayed, k.active, k.fair, k.marker, k.running, k.limits],
+            args=[now_ms(), lease_ms, token, count, k.job_prefix, tenant_limit],
         )
         deliveries = [
             Delivery(
@@ -209,6 +219,7 @@ class RedisQueue:
                 k.dead,
                 k.breaker,
                 k.paused,
+                k.running,
             ],
             args=[
                 delivery.job_id,
@@ -241,7 +252,7 @@ class RedisQueue:
         """Requeue or fail jobs whose lease expired; None when another worker holds the check."""
         k = self.keys
         raw = await self._scripts["stalled"](
-            keys=[k.active, k.wait, k.stalled_lock, k.ledger, k.marker],
+            keys=[k.active, k.wait, k.stalled_lock, k.ledger, k.marker, k.running],
             args=[now_ms(), max_stalled, token, lock_ms, k.job_prefix],
         )
         if raw and raw[0] == -1:
@@ -274,7 +285,7 @@ class RedisQueue:
         for key, value in fields.items():
             flat.extend((key, value))
         done = await self._scripts["retry"](
-            keys=[k.job(job_id), k.wait, k.seq, k.marker], args=[job_id, message, *flat]
+            keys=[k.job(job_id), k.wait, k.fair, k.marker], args=[job_id, message, *flat]
         )
         return bool(done)
 
@@ -292,6 +303,18 @@ class RedisQueue:
     async def set_progress(self, job_id: str, progress: Any) -> None:
         """Record a running job's progress (JSON)."""
         await self.redis.hset(self.keys.job(job_id), "progress", json.dumps(progress))
+
+    async def set_tenant_limit(self, tenant_id: str, limit: int | None) -> None:
+        """Jobs of ``tenant_id`` allowed to run at once across all workers (None: the default)."""
+        if limit is None:
+            await self.redis.hdel(self.keys.limits, tenant_id)
+        else:
+            await self.redis.hset(self.keys.limits, tenant_id, limit)
+
+    async def running_per_tenant(self) -> dict[str, int]:
+        """How many jobs each tenant has running (leased) right now."""
+        raw = await self.redis.hgetall(self.keys.running)
+        return {_text(key): int(value) for key, value in raw.items() if int(value) > 0}
 
     async def paused(self) -> set[tuple[str, str]]:
         """(tenant, plugin) pairs paused by the circuit breaker."""

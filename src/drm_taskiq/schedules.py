@@ -78,26 +78,26 @@ async def remove(
     return int(str(status).split()[-1])
 
 
-async def prune(pool: asyncpg.Pool, known_plugins: set[str] | None) -> list[str]:
-    """Delete schedules disabled for their tenant and (when ``known_plugins`` is given) those of
-    plugins not in it; schedules of unknown plugins are logged either way."""
+async def prune(pool: asyncpg.Pool, known_plugins: set[str], *, delete_unknown: bool) -> list[str]:
+    """Delete schedules disabled for their tenant and, with ``delete_unknown``, those of plugins
+    not in ``known_plugins``; schedules of unknown plugins are logged either way."""
     orphans = await pool.fetch(
         "SELECT schedule_id, plugin_id FROM schedules WHERE NOT (plugin_id = ANY($1::text[]))",
-        sorted(known_plugins or ()),
+        sorted(known_plugins),
     )
     for row in orphans:
         log.warning(
             "schedule_orphaned",
             schedule_id=row["schedule_id"],
             plugin_id=row["plugin_id"],
-            removed=known_plugins is not None,
+            removed=delete_unknown,
         )
     rows = await pool.fetch(
         "DELETE FROM schedules s WHERE ($2 AND NOT (s.plugin_id = ANY($1::text[])))"
         " OR NOT EXISTS (SELECT 1 FROM tenant_plugins tp WHERE tp.tenant_id = s.tenant_id"
         " AND tp.plugin_id = s.plugin_id AND tp.enabled) RETURNING schedule_id, plugin_id",
-        sorted(known_plugins or ()),
-        known_plugins is not None,
+        sorted(known_plugins),
+        delete_unknown,
     )
     for row in rows:
         log.warning("schedule_pruned", schedule_id=row["schedule_id"], plugin_id=row["plugin_id"])

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     breaker_threshold: int = Field(default=10, ge=0)
     tenant_enqueue_rate: int = Field(default=0, ge=0)
     max_schedules_per_tenant: int = Field(default=100, ge=1)
+    tenant_concurrency: int = Field(default=0, ge=0)
     plugin_database_url: str | None = None
 
     def plugin_dsn(self) -> str:

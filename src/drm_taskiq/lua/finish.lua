@@ -1,6 +1,7 @@
 -- Settle one attempt of a leased job. Only the lease holder (same token, still active) may.
 -- KEYS: 1 job hash, 2 active, 3 wait, 4 delayed, 5 ledger stream, 6 marker, 7 dead list,
---       8 circuit-breaker failure counts (hash), 9 paused (tenant:plugin set)
+--       8 circuit-breaker failure counts (hash), 9 paused (tenant:plugin set),
+--       10 jobs running per tenant (hash)
 -- ARGV: 1 id, 2 token, 3 outcome (completed|retry|failed|requeue|dead), 4 now (ms),
 --       5 value (returnvalue JSON for completed, reason otherwise), 6 due (ms, retry only),
 --       7 extra metadata JSON (merged into the ledger entry), 8 start time of the attempt (ms),
@@ -12,10 +13,17 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 local outcome = ARGV[3]
 local now = tonumber(ARGV[4])
 redis.call('HDEL', KEYS[1], 'token')
+local who = redis.call('HGET', KEYS[1], 'tenant') or ''
+if redis.call('HINCRBY', KEYS[10], who, -1) <= 0 then redis.call('HDEL', KEYS[10], who) end
+if redis.call('ZCARD', KEYS[3]) > 0 then
+  -- A running slot of this tenant is free: wake a worker that skipped the tenant at its limit.
+  redis.call('LPUSH', KEYS[6], '1')
+  redis.call('LTRIM', KEYS[6], 0, 999)
+end
 if outcome == 'requeue' then
   local f = redis.call('HMGET', KEYS[1], 'pri', 'seq')
   redis.call('HSET', KEYS[1], 'state', 'waiting')
-  redis.call('ZADD', KEYS[3], tonumber(f[1]) * 4294967296 + tonumber(f[2]), ARGV[1])
+  redis.call('ZADD', KEYS[3], tonumber(f[1]) * 4294967296 + tonumber(f[2]) % 4294967296, ARGV[1])
   redis.call('LPUSH', KEYS[6], '1')
   redis.call('LTRIM', KEYS[6], 0, 999)
   return 1
@@ -48,12 +56,12 @@ local entry = {
 if final == 1 and status == 'error' then entry['msg'] = f[8] end
 redis.call('XADD', KEYS[5], '*', 'e', cjson.encode(entry))
 local threshold = tonumber(ARGV[9] or '0')
-if threshold > 0 and f[1] and f[2] then
-  local who = f[2] .. ':' .. f[1]
+if threshold > 0 and f[1] and f[2] and f[1] ~= '' and f[2] ~= '' then
+  local pair = f[2] .. ':' .. f[1]
   if status == 'success' then
-    redis.call('HDEL', KEYS[8], who)
-  elseif redis.call('HINCRBY', KEYS[8], who, 1) >= threshold then
-    if redis.call('SADD', KEYS[9], who) == 1 then return 2 end
+    redis.call('HDEL', KEYS[8], pair)
+  elseif redis.call('HINCRBY', KEYS[8], pair, 1) >= threshold then
+    if redis.call('SADD', KEYS[9], pair) == 1 then return 2 end
   end
 end
 return 1

@@ -1,10 +1,18 @@
 -- Retry a failed job by id: a new generation of attempts, back in waiting.
--- KEYS: 1 job hash, 2 wait, 3 seq, 4 marker
+-- KEYS: 1 job hash, 2 wait, 3 fair-queuing times (hash), 4 marker
 -- ARGV: 1 job id, 2 message (used when the hash is gone), 3.. field/value pairs for a new hash
 -- Returns 1 when the job is waiting again, 0 when it exists and is not failed.
+local function vtime(key, tenant)
+  -- Start-time fair queuing: a tenant's next job gets max(its last, the global floor) + 1, so
+  -- tenants that share a priority take turns, while each tenant stays FIFO.
+  local last = tonumber(redis.call('HGET', key, tenant) or '0')
+  local floor = tonumber(redis.call('HGET', key, '~floor') or '0')
+  local v = math.max(last, floor) + 1
+  redis.call('HSET', key, tenant, v)
+  return v
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and state ~= 'failed' then return 0 end
-local seq = redis.call('INCR', KEYS[3]) % 4294967296
 if state then
   redis.call('HINCRBY', KEYS[1], 'gen', 1)
   redis.call('HDEL', KEYS[1], 'reason', 'finished', 'rv', 'token', 'due', 'progress')
@@ -14,9 +22,10 @@ else
   for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], 'msg', ARGV[2], unpack(fields))
 end
+local seq = vtime(KEYS[3], redis.call('HGET', KEYS[1], 'tenant') or '')
 redis.call('HSET', KEYS[1], 'state', 'waiting', 'attempts', 0, 'stalled', 0, 'seq', seq)
 local pri = tonumber(redis.call('HGET', KEYS[1], 'pri') or '0')
-redis.call('ZADD', KEYS[2], pri * 4294967296 + seq, ARGV[1])
+redis.call('ZADD', KEYS[2], pri * 4294967296 + seq % 4294967296, ARGV[1])
 redis.call('LPUSH', KEYS[4], '1')
 redis.call('LTRIM', KEYS[4], 0, 999)
 return 1

@@ -1,6 +1,6 @@
 -- Return jobs whose lease expired to waiting, or fail them after too many stalls.
 -- Runs in one worker at a time: the lock key is taken for the check interval.
--- KEYS: 1 active, 2 wait, 3 lock, 4 ledger stream, 5 marker
+-- KEYS: 1 active, 2 wait, 3 lock, 4 ledger stream, 5 marker, 6 jobs running per tenant (hash)
 -- ARGV: 1 now (ms), 2 max stalled count, 3 lock token, 4 lock ttl (ms), 5 job key prefix
 -- Returns {-1} when another worker holds the lock, else a flat list of
 -- (id, action 'requeued'|'failed', plugin, tenant, attempt number of the stalled attempt).
@@ -14,6 +14,8 @@ for _, id in ipairs(ids) do
   local jk = ARGV[5] .. id
   if redis.call('EXISTS', jk) == 1 then
     redis.call('HDEL', jk, 'token')
+    local who = redis.call('HGET', jk, 'tenant') or ''
+    if redis.call('HINCRBY', KEYS[6], who, -1) <= 0 then redis.call('HDEL', KEYS[6], who) end
     local stalled = redis.call('HINCRBY', jk, 'stalled', 1)
     if stalled > max then
       local attempts = redis.call('HINCRBY', jk, 'attempts', 1)
@@ -32,7 +34,7 @@ for _, id in ipairs(ids) do
     else
       local f = redis.call('HMGET', jk, 'pri', 'seq')
       redis.call('HSET', jk, 'state', 'waiting')
-      redis.call('ZADD', KEYS[2], tonumber(f[1]) * 4294967296 + tonumber(f[2]), id)
+      redis.call('ZADD', KEYS[2], tonumber(f[1]) * 4294967296 + tonumber(f[2]) % 4294967296, id)
       redis.call('LPUSH', KEYS[5], '1')
       local g = redis.call('HMGET', jk, 'plugin', 'tenant', 'attempts')
       local attempt = tonumber(g[3] or '0') + 1

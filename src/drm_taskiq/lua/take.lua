@@ -1,45 +1,84 @@
--- Promote due delayed jobs, then lease up to N waiting jobs, lowest (priority, seq) first.
--- KEYS: 1 wait zset, 2 delayed zset, 3 active zset, 4 seq counter, 5 marker list
--- ARGV: 1 now (ms), 2 lease (ms), 3 lease token, 4 max jobs, 5 job key prefix
+-- Promote due delayed jobs, then lease up to N waiting jobs, lowest (priority, fair time) first,
+-- skipping tenants that already run as many jobs as their limit allows.
+-- KEYS: 1 wait zset, 2 delayed zset, 3 active zset, 4 fair-queuing times (hash), 5 marker list,
+--       6 jobs running per tenant (hash), 7 per-tenant running limits (hash)
+-- ARGV: 1 now (ms), 2 lease (ms), 3 lease token, 4 max jobs, 5 job key prefix,
+--       6 default running limit per tenant (0 = none)
 -- Returns {{id, msg, attempts, stalled, created ts, ...}, next delayed due time (ms) or false}
+local function vtime(key, tenant)
+  local last = tonumber(redis.call('HGET', key, tenant) or '0')
+  local floor = tonumber(redis.call('HGET', key, '~floor') or '0')
+  local v = math.max(last, floor) + 1
+  redis.call('HSET', key, tenant, v)
+  return v
+end
+
 local now = tonumber(ARGV[1])
 local prefix = ARGV[5]
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
 for _, id in ipairs(due) do
   local jk = prefix .. id
-  local pri = tonumber(redis.call('HGET', jk, 'pri'))
+  local f = redis.call('HMGET', jk, 'pri', 'tenant')
+  local pri = tonumber(f[1])
   if pri then
-    local seq = redis.call('INCR', KEYS[4]) % 4294967296
-    redis.call('ZADD', KEYS[1], pri * 4294967296 + seq, id)
+    local seq = vtime(KEYS[4], f[2] or '')
+    redis.call('ZADD', KEYS[1], pri * 4294967296 + seq % 4294967296, id)
     redis.call('HSET', jk, 'state', 'waiting', 'seq', seq)
     redis.call('HDEL', jk, 'due')
   end
   redis.call('ZREM', KEYS[2], id)
 end
+
 local out = {}
 local max = tonumber(ARGV[4])
-if max > 0 then
+local default_limit = tonumber(ARGV[6])
+local limited = default_limit > 0 or redis.call('HLEN', KEYS[7]) > 0
+local candidates
+if limited then
+  candidates = redis.call('ZRANGE', KEYS[1], 0, max * 8 + 32)
+else
+  candidates = {}
   local popped = redis.call('ZPOPMIN', KEYS[1], max)
-  local deadline = now + tonumber(ARGV[2])
-  for i = 1, #popped, 2 do
-    local id = popped[i]
-    local jk = prefix .. id
-    local f = redis.call('HMGET', jk, 'msg', 'attempts', 'stalled', 'ts')
+  for i = 1, #popped, 2 do candidates[#candidates + 1] = popped[i] end
+end
+local deadline = now + tonumber(ARGV[2])
+local floor = tonumber(redis.call('HGET', KEYS[4], '~floor') or '0')
+local taken = 0
+for _, id in ipairs(candidates) do
+  if taken >= max then break end
+  local jk = prefix .. id
+  local f = redis.call('HMGET', jk, 'msg', 'attempts', 'stalled', 'ts', 'tenant', 'seq')
+  local tenant = f[5] or ''
+  local allowed = true
+  if limited then
+    local limit = tonumber(redis.call('HGET', KEYS[7], tenant) or default_limit)
+    if limit > 0 and tonumber(redis.call('HGET', KEYS[6], tenant) or '0') >= limit then
+      allowed = false
+    else
+      redis.call('ZREM', KEYS[1], id)
+    end
+  end
+  if allowed then
     if f[1] then
       redis.call('ZADD', KEYS[3], deadline, id)
       redis.call('HSET', jk, 'state', 'active', 'token', ARGV[3], 'processed', ARGV[1])
+      redis.call('HINCRBY', KEYS[6], tenant, 1)
+      floor = math.max(floor, tonumber(f[6] or '0'))
       out[#out + 1] = id
       out[#out + 1] = f[1]
       out[#out + 1] = f[2]
       out[#out + 1] = f[3]
       out[#out + 1] = f[4]
+      taken = taken + 1
     end
   end
 end
+redis.call('HSET', KEYS[4], '~floor', floor)
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #out == 0 and redis.call('ZCARD', KEYS[1]) == 0 then
-  -- Nothing to take: stale wake-up markers would only cause empty takes. A job enqueued after
-  -- this script pushes a fresh marker, so no wake-up is lost.
+if #out == 0 then
+  -- Nothing to take (an empty queue, or every waiting tenant at its limit): stale wake-up
+  -- markers would only cause empty takes. A job enqueued, or a running job settled, after this
+  -- script pushes a fresh marker, so no wake-up is lost.
   redis.call('DEL', KEYS[5])
 end
 return {out, nxt[2] or false}
