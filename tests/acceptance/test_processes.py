@@ -294,3 +294,29 @@ async def test_invalid_worker_concurrency_message_names_the_variable_as_set(
     )
     [line] = {line for line in worker.stderr().splitlines() if "invalid settings" in line}
     assert _NAMES_WORKER_CONCURRENCY.search(line), line
+
+
+async def test_tenant_running_limit_holds_across_two_worker_processes(
+    procs: Processes, accept_client: JobScheduler, db: asyncpg.Pool, accept_tenant: str
+) -> None:
+    """With DRM_TENANT_CONCURRENCY=2, two worker processes never run more than 2 jobs at once."""
+    workers = [await procs.ready_worker(DRM_TENANT_CONCURRENCY=2) for _ in range(2)]
+    ids = await _add(accept_client, accept_tenant, "sleep", [{"s": 0.3}] * 10)
+    await wait_until(_completed(db, 10), timeout=60, procs=workers, what="10 completed jobs")
+    runs = await db.fetch(
+        "SELECT (result->>'startedAt')::timestamptz AS started,"
+        " (result->>'durationMs')::int AS ms FROM plugin_runs"
+    )
+    assert len(runs) == 10
+    points = sorted(
+        [(r["started"].timestamp(), 1) for r in runs]
+        + [(r["started"].timestamp() + r["ms"] / 1000, -1) for r in runs],
+        key=lambda p: (p[0], p[1]),
+    )
+    running = peak = 0
+    for _, step in points:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2, f"{peak} jobs of one tenant ran at once"
+    assert len({e["pid"] for e in await fetch_events(db, "sleep")}) == 2
+    assert len(ids) == 10
