@@ -43,6 +43,7 @@ from drm_taskiq.options import (
     LABEL_TENANT,
     label_int,
 )
+from drm_taskiq.process import stop_taskiq_supervisor
 from drm_taskiq.redis_queue import Delivery, RedisQueue, now_ms
 from drm_taskiq.results import JobResultBackend
 from drm_taskiq.runlog import RunLedger
@@ -254,6 +255,7 @@ class DrmBroker(ListQueueBroker):
                                 error=_describe(exc),
                                 redis=mask_url(self.settings.redis_url),
                             )
+                            stop_taskiq_supervisor()
                             raise RedisUnavailableError(
                                 f"Redis unreachable for {now - outage_since:.0f} s"
                             ) from exc
