@@ -23,6 +23,7 @@ from drm_taskiq.errors import (
     InvalidInputError,
     LimitExceededError,
     UnknownJobError,
+    UnknownTenantError,
     UnrecoverableError,
 )
 from drm_taskiq.hooks import HookRegistry
@@ -233,6 +234,11 @@ class JobScheduler:
         self._check_limits(opts)
         if opts.cron is not None and tenant_id is None:
             raise InvalidInputError("tenant_id", "a cron job needs a tenant (use ctx.scheduler)")
+        if opts.cron is not None and tenant_id is not None:
+            check_id(tenant_id, "tenant_id")
+            if await store.tenant_plugin_enabled(self.pool, tenant_id, plugin_id) is None:
+                raise UnknownTenantError("tenant_id", f"tenant {tenant_id!r} does not exist")
+            await self._check_schedule_limit(tenant_id, plugin_id, job_name)
         name = task_name(plugin_id, job_name)
         self.jobs[(plugin_id, job_name)] = JobDefinition(plugin_id, job_name, handler, opts)
         self.broker.register_task(
@@ -241,8 +247,6 @@ class JobScheduler:
             **opts.model_copy(update={"delay": 0}).labels(self.settings.default_timeout_ms),
         )
         if opts.cron is not None and tenant_id is not None:
-            check_id(tenant_id, "tenant_id")
-            await self._check_schedule_limit(tenant_id, plugin_id, job_name)
             await schedules.upsert(self.pool, tenant_id, plugin_id, job_name, opts)
             log.info(
                 "schedule_registered",
@@ -427,6 +431,8 @@ class JobScheduler:
         check_id(plugin_id, "plugin_id")
         check_id(job_name, "job_name")
         check_job_id(job_id)
+        if tenant_id is not None:
+            check_id(tenant_id, "tenant_id")
         raw = await self.broker.queue.job(job_id)
         if raw is not None:
             if raw.get("plugin") != plugin_id or raw.get("job") != job_name:

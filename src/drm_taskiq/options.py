@@ -15,6 +15,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
+from croniter.croniter import CroniterBadCronError, CroniterBadDateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from drm_taskiq.errors import InvalidInputError
@@ -48,7 +49,7 @@ def check_id(value: object, field_name: str) -> str:
     """Return ``value`` if it is a valid plugin id, job name or tenant id; raise otherwise."""
     if not isinstance(value, str) or not value:
         raise InvalidInputError(field_name, "must be a non-empty string")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise InvalidInputError(
             field_name,
             "must be 1-128 characters of letters, digits, '_', '.', '-', starting with a letter"
@@ -59,7 +60,7 @@ def check_id(value: object, field_name: str) -> str:
 
 def check_job_id(value: object, field_name: str = "job_id") -> str:
     """Return ``value`` if it is a valid caller-chosen job id; raise otherwise."""
-    if not isinstance(value, str) or not _JOB_ID.match(value):
+    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
         raise InvalidInputError(
             field_name,
             "must be 1-255 characters of letters, digits and _ . : @ = + -, starting with a"
@@ -82,6 +83,12 @@ def check_cron(expression: str, field_name: str = "cron") -> str:
         )
     if not croniter.is_valid(to_croniter(expression)):
         raise InvalidInputError(field_name, f"is not a valid cron expression: {expression!r}")
+    try:
+        croniter(to_croniter(expression), datetime(2000, 1, 1, tzinfo=UTC)).get_next(datetime)
+    except (CroniterBadDateError, CroniterBadCronError, ValueError, KeyError):
+        raise InvalidInputError(
+            field_name, f"never fires (no date matches it): {expression!r}"
+        ) from None
     return expression
 
 
@@ -97,7 +104,7 @@ def check_timezone(name: str, field_name: str = "tz") -> str:
     """Return ``name`` if it is a known IANA time zone."""
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise InvalidInputError(field_name, f"unknown IANA time zone {name!r}") from None
     return name
 
@@ -275,7 +282,7 @@ class JobMetadata:
         if self.data is not None:
             body["data"] = self.data
         body.update(self.extra)
-        return json.dumps(body, default=str)
+        return storable_json(body)
 
 
 def ms_to_datetime(value: str | int | float | None) -> datetime | None:
@@ -285,8 +292,54 @@ def ms_to_datetime(value: str | int | float | None) -> datetime | None:
     return datetime.fromtimestamp(int(float(value)) / 1000, tz=UTC)
 
 
+def storable_json(value: Any) -> str:
+    """JSON text PostgreSQL's jsonb accepts: NUL escapes and lone surrogates are replaced."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    text = text.replace("\\u0000", "\\ufffd")
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+MAX_DEPTH = 64  # nesting levels of job data; deeper data is refused
+
+
+def _check_json_tree(data: Any, field_name: str) -> None:
+    """Refuse what JSON (and PostgreSQL's jsonb) would not keep exactly: non-string keys, NUL
+    characters, lone surrogates, non-finite floats, nesting deeper than ``MAX_DEPTH``."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            if depth > MAX_DEPTH:
+                raise InvalidInputError(field_name, f"is nested deeper than {MAX_DEPTH} levels")
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InvalidInputError(
+                        field_name, f"has a non-string object key {key!r}; JSON keys are strings"
+                    )
+                _check_text(key, field_name)
+                stack.append((item, depth + 1))
+        elif isinstance(value, (list, tuple)):
+            if depth > MAX_DEPTH:
+                raise InvalidInputError(field_name, f"is nested deeper than {MAX_DEPTH} levels")
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _check_text(value, field_name)
+
+
+def _check_text(text: str, field_name: str) -> None:
+    if "\x00" in text:
+        raise InvalidInputError(field_name, "contains a NUL character, which cannot be stored")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            field_name, "contains a lone surrogate, which is not valid Unicode text"
+        ) from None
+
+
 def encode_payload(data: Any, max_bytes: int, field_name: str = "data") -> str:
-    """``data`` as JSON text, refusing what is not JSON or too large."""
+    """``data`` as JSON text, refusing what is not JSON, would not round-trip, or is too large."""
+    _check_json_tree(data, field_name)
     try:
         text = json.dumps(data, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:

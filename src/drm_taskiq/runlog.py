@@ -118,7 +118,7 @@ class LedgerEntry:
             state=str(body["state"]),
             final=bool(int(body["final"])),
             outcome=str(body["outcome"]),
-            value=str(body.get("value") or ""),
+            value=_clean(str(body.get("value") or "")),
             progress=body["progress"] if isinstance(body.get("progress"), str) else None,
             created=ms_to_datetime(body.get("ts")) or at,
             started=ms_to_datetime(body.get("started")),
@@ -148,6 +148,11 @@ class LedgerEntry:
             timestamp=self.created,
             extra=extra,
         )
+
+
+def _clean(text: str) -> str:
+    """Text PostgreSQL can store: no NUL characters, no lone surrogates."""
+    return text.replace("\x00", "\\u0000").encode("utf-8", "replace").decode("utf-8")
 
 
 def _json_or_text(value: str) -> Any:
@@ -269,7 +274,8 @@ class RunLedger:
             for entry_id, fields in items:
                 raw = fields.get(b"e") if fields else None
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                out.append((eid, raw.decode() if isinstance(raw, bytes) else (raw or "")))
+                text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
+                out.append((eid, text))
         return out
 
     async def flush_once(self, *, block: bool = False) -> int:
@@ -288,14 +294,37 @@ class RunLedger:
             except (ValueError, KeyError, TypeError):
                 log.error("ledger_entry_unreadable", entry_id=entry_id, raw=raw[:200])
                 unreadable.append(entry_id)
-        async with self.pool.acquire() as conn:
-            await write_entries(conn, self.queue.keys.queue, entries)
+        try:
+            async with self.pool.acquire() as conn:
+                await write_entries(conn, self.queue.keys.queue, entries)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            # One entry PostgreSQL will never accept must not hold back every other row.
+            log.warning("ledger_batch_rejected", error=f"{type(exc).__name__}: {exc}")
+            unreadable += await self._write_one_by_one(entries)
+            entries = [e for e in entries if e.entry_id not in set(unreadable)]
         await self.queue.settle_ledger(
             [(e.entry_id, e.job_id, e.at_ms if e.final else "") for e in entries]
             + [(entry_id, "", "") for entry_id in unreadable],
             self.retention_ms,
         )
         return len(items)
+
+    async def _write_one_by_one(self, entries: list[LedgerEntry]) -> list[str]:
+        """Write entries singly; returns the ids of those PostgreSQL refuses (logged, dropped)."""
+        rejected: list[str] = []
+        async with self.pool.acquire() as conn:
+            for entry in entries:
+                try:
+                    await write_entries(conn, self.queue.keys.queue, [entry])
+                except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+                    log.error(
+                        "ledger_entry_rejected",
+                        entry_id=entry.entry_id,
+                        job_id=entry.job_id,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    rejected.append(entry.entry_id)
+        return rejected
 
     async def claim_abandoned(self) -> int:
         """Take over entries another consumer read but never acknowledged (it died)."""

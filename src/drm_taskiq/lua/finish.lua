@@ -42,7 +42,11 @@ elseif outcome == 'retry' then
   redis.call('LTRIM', KEYS[6], 0, 999)
 else
   redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[5], 'finished', ARGV[4])
-  if outcome == 'dead' then redis.call('RPUSH', KEYS[7], ARGV[1]) end
+  if outcome == 'dead' then
+    -- Kept in Redis with its message for an operator (not final: the ledger never deletes it).
+    redis.call('RPUSH', KEYS[7], ARGV[1])
+    final = 0
+  end
 end
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'processed', ARGV[8]) end
 local f = redis.call('HMGET', KEYS[1], 'plugin', 'tenant', 'job', 'ts', 'processed', 'progress',

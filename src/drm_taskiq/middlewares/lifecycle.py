@@ -23,6 +23,7 @@ from drm_taskiq.options import (
     LABEL_TENANT,
     LABEL_TIMEOUT,
     RetryOptions,
+    storable_json,
 )
 from drm_taskiq.redaction import redact
 from drm_taskiq.redis_queue import Outcome
@@ -56,10 +57,10 @@ def _identity(message: TaskiqMessage) -> dict[str, Any]:
 
 def _returnvalue(value: Any) -> str:
     try:
-        text = json.dumps(value, allow_nan=False, default=str)
-    except (TypeError, ValueError):
-        text = json.dumps(repr(value))
-    return redact(text)
+        json.dumps(value, allow_nan=False, default=str)
+    except (TypeError, ValueError, RecursionError):
+        value = repr(value)[:10_000]
+    return redact(storable_json(value))
 
 
 class LifecycleMiddleware(TaskiqMiddleware):
