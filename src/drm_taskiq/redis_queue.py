@@ -122,12 +122,17 @@ class QueueKeys:
         return f"{self.base}:stalled-check"
 
 
+_WITH_FAIR = frozenset({"enqueue", "take", "retry"})  # scripts that use fair.lua's vtime()
+
+
 def _load_scripts(redis: Redis) -> dict[str, AsyncScript]:
     folder = resources.files("drm_taskiq") / "lua"
-    return {
-        name: redis.register_script((folder / f"{name}.lua").read_text(encoding="utf-8"))
-        for name in _SCRIPTS
-    }
+    prelude = (folder / "fair.lua").read_text(encoding="utf-8")
+    scripts = {}
+    for name in _SCRIPTS:
+        body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+        scripts[name] = redis.register_script(prelude + body if name in _WITH_FAIR else body)
+    return scripts
 
 
 class RedisQueue:

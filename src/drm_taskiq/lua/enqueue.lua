@@ -4,17 +4,9 @@
 --       7 the tenant's enqueue counter for the current second
 -- ARGV: 1 job id, 2 now (ms), 3 delay (ms), 4 priority, 5 dedup ttl (ms, 0 = none),
 --       6 the tenant's enqueue limit per second (0 = none), 7.. field/value pairs for the hash
+-- (vtime() comes from fair.lua.)
 -- Returns {1, "waiting"|"delayed"} for a new job, {0, state} when the id already exists,
 -- {-1, count} when the tenant is over its rate limit (nothing is written but the counter).
-local function vtime(key, tenant)
-  -- Start-time fair queuing: a tenant's next job gets max(its last, the global floor) + 1, so
-  -- tenants that share a priority take turns, while each tenant stays FIFO.
-  local last = tonumber(redis.call('HGET', key, tenant) or '0')
-  local floor = tonumber(redis.call('HGET', key, '~floor') or '0')
-  local v = math.max(last, floor) + 1
-  redis.call('HSET', key, tenant, v)
-  return v
-end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then return {0, state} end
 local limit = tonumber(ARGV[6])

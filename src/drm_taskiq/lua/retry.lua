@@ -1,16 +1,8 @@
 -- Retry a failed job by id: a new generation of attempts, back in waiting.
 -- KEYS: 1 job hash, 2 wait, 3 fair-queuing times (hash), 4 marker
 -- ARGV: 1 job id, 2 message (used when the hash is gone), 3.. field/value pairs for a new hash
+-- (vtime() comes from fair.lua.)
 -- Returns 1 when the job is waiting again, 0 when it exists and is not failed.
-local function vtime(key, tenant)
-  -- Start-time fair queuing: a tenant's next job gets max(its last, the global floor) + 1, so
-  -- tenants that share a priority take turns, while each tenant stays FIFO.
-  local last = tonumber(redis.call('HGET', key, tenant) or '0')
-  local floor = tonumber(redis.call('HGET', key, '~floor') or '0')
-  local v = math.max(last, floor) + 1
-  redis.call('HSET', key, tenant, v)
-  return v
-end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and state ~= 'failed' then return 0 end
 if state then

@@ -4,15 +4,8 @@
 --       6 jobs running per tenant (hash), 7 per-tenant running limits (hash)
 -- ARGV: 1 now (ms), 2 lease (ms), 3 lease token, 4 max jobs, 5 job key prefix,
 --       6 default running limit per tenant (0 = none)
+-- (vtime() comes from fair.lua.)
 -- Returns {{id, msg, attempts, stalled, created ts, ...}, next delayed due time (ms) or false}
-local function vtime(key, tenant)
-  local last = tonumber(redis.call('HGET', key, tenant) or '0')
-  local floor = tonumber(redis.call('HGET', key, '~floor') or '0')
-  local v = math.max(last, floor) + 1
-  redis.call('HSET', key, tenant, v)
-  return v
-end
-
 local now = tonumber(ARGV[1])
 local prefix = ARGV[5]
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
