@@ -155,3 +155,33 @@ async def test_overlap_skip_skips_while_previous_run_waits(
     for step in range(5):
         await engine.tick(base + timedelta(seconds=step, milliseconds=10))
     assert await redis_client.zcard(client.broker.queue.keys.wait) == 1
+
+
+async def test_jobs_of_a_deleted_tenant_are_refused_and_the_worker_goes_on(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A job whose tenant was deleted is refused (logged), and later jobs still run."""
+    from structlog.testing import capture_logs
+
+    from drm_taskiq import store
+
+    ran: list[str] = []
+
+    async def handler(ctx: Any, job: Any) -> None:
+        ran.append(ctx.tenant_id)
+
+    async def register(s: JobScheduler) -> None:
+        await s.register_job("testp", "h", handler)
+
+    await register(client)
+    await store.ensure_tenant(db, "gone", plugins={"testp": {}})
+    doomed = await client.add_job("testp", "h", None, tenant_id="gone")
+    await db.execute("DELETE FROM tenants WHERE tenant_id = 'gone'")
+    with capture_logs() as logs:
+        await start_worker(register)
+        await wait_for(lambda: [e for e in logs if e["event"] == "job_refused"], timeout=10)
+        await client.add_job("testp", "h", None, tenant_id=tenant)
+        await wait_for(lambda: ran == [tenant], timeout=10)
+    [refused] = [e for e in logs if e["event"] == "job_refused"]
+    assert (refused["job_id"], refused["tenant_id"]) == (doomed, "gone")
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs WHERE tenant_id = 'gone'") == 0
