@@ -288,3 +288,27 @@ async def test_progress_visible_while_running(
     status = await wait_for(progressed, timeout=10)
     assert (status.state, status.progress) == ("active", {"done": 3, "of": 10})
     release.set()
+
+
+async def test_worker_concurrency_bounds_running_jobs(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """WORKER_CONCURRENCY=3: one worker process never runs more than 3 jobs at once."""
+    running = peak = 0
+
+    async def work(ctx: Any, job: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    for i in range(12):
+        await client.add_job("testp", "w", i, tenant_id=tenant)
+    await start_worker(setup, worker_concurrency=3)
+    await wait_for(lambda: db.fetchval("SELECT count(*) = 12 FROM jobs"), timeout=30)
+    assert peak == 3

@@ -92,3 +92,38 @@ async def test_schedule_stored_per_tenant(
     rows = await db.fetch("SELECT tenant_id, plugin_id, job_name, cron, tz FROM schedules")
     assert [tuple(r) for r in rows] == [(tenant, "testp", "beat", "5 * * * *", "Europe/Berlin")]
     await asyncio.sleep(0)
+
+
+async def test_static_label_schedules_fire_with_stable_ids(
+    client: JobScheduler, redis_client: Any
+) -> None:
+    """A task declared with the schedule label fires under the id label:{task}:{index}."""
+
+    async def housekeeping() -> None:
+        return None
+
+    client.broker.register_task(
+        housekeeping,
+        task_name="housekeeping",
+        schedule=[{"cron": "*/2 * * * * *"}, {"cron": "0 3 * * *", "cron_offset": "Asia/Tokyo"}],
+    )
+    first, second = CronEngine(client.broker, client), CronEngine(client.broker, client)
+    await first.load()
+    await second.load()
+    assert (
+        set(first.schedules)
+        == set(second.schedules)
+        == {
+            "label:housekeeping:0",
+            "label:housekeeping:1",
+        }
+    )
+    assert first.schedules["label:housekeeping:1"].tz == "Asia/Tokyo"
+    base = datetime(2030, 1, 1, tzinfo=UTC)
+    await first.tick(base)
+    await first.tick(base + timedelta(seconds=2, milliseconds=50))
+    await second.tick(base + timedelta(seconds=2, milliseconds=60))
+    ids = await _wait_ids(client, redis_client)
+    assert ids == [
+        f"cron:label:housekeeping:0:{int((base + timedelta(seconds=2)).timestamp() * 1000)}"
+    ]
