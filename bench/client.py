@@ -25,12 +25,11 @@ Kiq = Callable[[Any], Awaitable[Any]]
 
 
 async def _drm_client(spec: dict[str, Any]) -> tuple[Callable[[str], Kiq], Callable[[], Any]]:
+    from bench.drm_plugin import plugin  # noqa: PLC0415
     from drm_taskiq.jobs import JobScheduler  # noqa: PLC0415
     from drm_taskiq.logs import configure_logging  # noqa: PLC0415
     from drm_taskiq.queue_broker import DrmBroker  # noqa: PLC0415
     from drm_taskiq.settings import load_settings  # noqa: PLC0415
-
-    from bench.drm_plugin import plugin  # noqa: PLC0415
 
     settings = load_settings(
         redis_url=REDIS_URL,
@@ -40,6 +39,7 @@ async def _drm_client(spec: dict[str, Any]) -> tuple[Callable[[str], Kiq], Calla
         queue=spec["queue"],
         entry_points=False,
         migrate_on_start=False,
+        tenant_enqueue_rate=0,
     )
     configure_logging(settings.log_format, settings.log_level)
     scheduler = JobScheduler(DrmBroker(settings, own_process=False), plugins=[plugin])

@@ -2,7 +2,8 @@
 
 Everything the suite creates lives under one namespace ``bench_<hex>``: a PostgreSQL schema of
 that name and Redis keys starting with ``{bench_<hex>:`` (drm-taskiq) or ``bench_<hex>:`` (plain
-taskiq). :func:`cleanup_namespace` removes both; nothing else on the shared servers is touched.
+taskiq), in Redis database 15 (``BENCH_REDIS_URL``). :func:`cleanup_namespace` removes both;
+nothing else on the shared servers is touched.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ BENCH_DIR = REPO_ROOT / "bench"
 RESULTS_DIR = BENCH_DIR / "results"
 BIN_DIR = Path(sys.executable).parent
 
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Database 15: the suite's keys (up to a million jobs) stay out of the way of other users of a
+# shared server (their SCANs would walk them); they also carry the bench_<hex> prefix.
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 TENANT = "acme"
 PLUGIN_ID = "bench"
+SCHEDULES_PER_TENANT = 100  # DRM_MAX_SCHEDULES_PER_TENANT's default
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -80,6 +84,8 @@ def drm_env(namespace: str, queue: str, **extra: Any) -> dict[str, str]:
         DRM_ENTRY_POINTS="false",
         # The bench plugin is not signed (signature checks run once, at start-up).
         DRM_ALLOW_UNSIGNED_PLUGINS="true",
+        # No per-tenant enqueue rate limit (the default): the producers enqueue for one tenant.
+        DRM_TENANT_ENQUEUE_RATE="0",
         DRM_LOG_FORMAT="json",
         **extra,
     )
@@ -131,6 +137,21 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_by_pid(pids: Iterable[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        stat = _stat(pid)
+        if stat is not None:
+            out[pid] = (int(stat[13]) + int(stat[14])) / CLK_TCK
+    return out
+
+
+def cpu_delta(start: dict[int, float], end: dict[int, float]) -> float:
+    """CPU used between two snapshots by the processes alive at the end (those that exited in
+    between are not counted; those that started in between count in full)."""
+    return sum(value - start.get(pid, 0.0) for pid, value in end.items())
+
+
 def postgres_pids() -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -161,12 +182,13 @@ class CpuProbe:
     pids: Callable[[], list[int]]
     _start: dict[str, float] = field(default_factory=dict)
 
+    _pg: dict[int, float] = field(default_factory=dict)
+
     async def _sample(self) -> dict[str, float]:
         busy, total = machine_busy()
         return {
             "procs": cpu_seconds(self.pids()),
             "redis": await self.redis_cpu(),
-            "postgres": cpu_seconds(postgres_pids()),
             "machine_busy": busy / CLK_TCK,
             "machine_total": total / CLK_TCK,
             "wall": time.monotonic(),
@@ -174,10 +196,12 @@ class CpuProbe:
 
     async def start(self) -> None:
         self._start = await self._sample()
+        self._pg = cpu_by_pid(postgres_pids())
 
     async def stop(self, jobs: int) -> dict[str, float]:
         end = await self._sample()
         d = {key: end[key] - self._start[key] for key in end}
+        d["postgres"] = cpu_delta(self._pg, cpu_by_pid(postgres_pids()))
         jobs = max(jobs, 1)
         cores = os.cpu_count() or 1
         return {
@@ -253,10 +277,8 @@ class ProcGroup:
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
     def kill(self) -> None:
@@ -275,12 +297,12 @@ def taskiq_worker(name: str, app: str, workers: int, env: dict[str, str], *extra
 async def wait_until(
     predicate: Callable[[], Any],
     *,
-    timeout: float,
+    within: float,
     interval: float = 0.05,
     what: str = "condition",
     procs: Iterable[ProcGroup] = (),
 ) -> Any:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         value = predicate()
         if asyncio.iscoroutine(value):
@@ -292,7 +314,7 @@ async def wait_until(
                 raise RuntimeError(f"{proc.name} exited while waiting for {what}:\n{proc.tail()}")
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs)
-            raise TimeoutError(f"{what} not met within {timeout} s\n{tails}")
+            raise TimeoutError(f"{what} not met within {within} s\n{tails}")
         await asyncio.sleep(interval)
 
 

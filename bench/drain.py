@@ -18,21 +18,53 @@ The rate is N / (end point - start). The headline for drm-taskiq is ``recorded``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
 from bench.common import CpuProbe, ProcGroup, redis_cpu_seconds, say
 from bench.systems import DrmSystem, System
 
+# The top-level commands each system sends (a script's inner commands are timed in EVALSHA).
+OWN_COMMANDS = {
+    "drm": ("evalsha", "xreadgroup", "xautoclaim", "blpop"),
+    "plain": ("brpop", "lpush", "rpush"),
+}
+
+
+def _own_usec(rows: list[dict[str, Any]], system: str) -> float:
+    return round(sum(r["usec_per_job"] for r in rows if r["command"] in OWN_COMMANDS[system]), 1)
+
+
+def _command_costs(
+    before: dict[str, Any], after: dict[str, Any], jobs: int, top: int = 40
+) -> list[dict[str, Any]]:
+    """Redis time per command during the window (INFO commandstats; the server is shared, so
+    other clients' commands may show up too)."""
+    rows = []
+    for name, stat in after.items():
+        old = before.get(name, {"calls": 0, "usec": 0})
+        calls = int(stat["calls"]) - int(old["calls"])
+        usec = int(stat["usec"]) - int(old["usec"])
+        if calls > 0:
+            rows.append(
+                {
+                    "command": name.removeprefix("cmdstat_"),
+                    "calls_per_job": round(calls / max(jobs, 1), 3),
+                    "usec_per_call": round(usec / calls, 2),
+                    "usec_per_job": round(usec / max(jobs, 1), 1),
+                }
+            )
+    rows.sort(key=lambda r: -r["usec_per_job"])
+    return rows[:top]
+
 
 async def _watch_ledger(system: System, queue: str, stop: asyncio.Event, peak: list[int]) -> None:
     while not stop.is_set():
         state = await system.pending(queue)
         peak[0] = max(peak[0], state.get("ledger", 0))
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.1)
-        except TimeoutError:
-            pass
 
 
 async def run_drain(
@@ -51,7 +83,10 @@ async def run_drain(
     group: ProcGroup = system.start_workers(queue, workers, tag)
     rows_before = await system.rows()
     result: dict[str, Any] = {
-        "system": system.name, "workers": workers, "jobs": n, "backlog": backlog,
+        "system": system.name,
+        "workers": workers,
+        "jobs": n,
+        "backlog": backlog,
     }
     try:
         await system.wait_ready(group, tag, workers)
@@ -71,6 +106,7 @@ async def run_drain(
             mem_full = await system.used_memory()
             probe = CpuProbe(lambda: redis_cpu_seconds(system.redis), group.pids)
             await probe.start()
+            stats0 = await system.redis.info("commandstats")
         except BaseException:
             system.resume(pids)
             raise
@@ -81,7 +117,7 @@ async def run_drain(
         stop = asyncio.Event()
         peak = [0]
         watcher = asyncio.create_task(_watch_ledger(system, queue, stop, peak))
-        t_mark = await system.wait_mark(mark_key, group, timeout=600)
+        t_mark = await system.wait_mark(mark_key, group, within=600)
         ends = {"marker": t_mark - t0}
         if isinstance(system, DrmSystem) and not backlog:
             acked = recorded = None
@@ -100,6 +136,7 @@ async def run_drain(
         stop.set()
         await watcher
         cpu = await probe.stop(n)
+        stats1 = await system.redis.info("commandstats")
         rss = group.rss()
         if on_end is not None:
             await on_end(group)
@@ -121,6 +158,8 @@ async def run_drain(
             },
             redis_bytes_per_waiting_job=round((mem_full - mem_empty) / (n + 1 + backlog)),
             fill_s=round(fill_s, 2),
+            redis_commands=_command_costs(stats0, stats1, n)[:8],
+            redis_usec_per_job=_own_usec(_command_costs(stats0, stats1, n), system.name),
         )
         if rows_before is not None and rows_after is not None:
             result["plugin_runs_rows"] = rows_after - rows_before

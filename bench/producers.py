@@ -17,13 +17,20 @@ from bench.common import log_dir, percentile, say, wait_until
 from bench.systems import System
 
 
-async def run_client(system: System, spec: dict[str, Any], name: str) -> dict[str, Any]:
+async def run_client(
+    system: System, spec: dict[str, Any], name: str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     spec = {"system": system.name, "namespace": system.namespace, **spec}
     log = (log_dir() / f"client-{name}.log").open("wb")
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.client", json.dumps(spec),
-            stdout=asyncio.subprocess.PIPE, stderr=log, env=system.client_env(spec["queue"]),
+            sys.executable,
+            "-m",
+            "bench.client",
+            json.dumps(spec),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            env={**system.client_env(spec["queue"]), **(env or {})},
         )
         out, _ = await proc.communicate()
     finally:
@@ -34,13 +41,20 @@ async def run_client(system: System, spec: dict[str, Any], name: str) -> dict[st
     return dict(json.loads(out.decode().strip().splitlines()[-1]))
 
 
-async def run_enqueue(system: System, n: int, producers: list[int]) -> dict[str, Any]:
-    say(f"{system.label}: enqueue {n} jobs with {producers} producer(s)")
+async def run_enqueue(
+    system: System, n: int, producers: list[int], env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    say(
+        f"{system.label}: enqueue {n} jobs with {producers} producer(s)"
+        + (f", {env}" if env else "")
+    )
     queue = "enqueue"
     try:
         result = await run_client(
-            system, {"mode": "enqueue", "queue": queue, "n": n, "producers": producers},
+            system,
+            {"mode": "enqueue", "queue": queue, "n": n, "producers": producers},
             f"{system.name}-enqueue",
+            env,
         )
     finally:
         await system.clear(queue)
@@ -67,12 +81,14 @@ async def run_latency(system: System, rate: float, duration: float) -> dict[str,
         async def complete() -> bool:
             return int(await system.redis.llen(key)) >= produced["jobs"]
 
-        await wait_until(complete, timeout=60, what="latency samples", procs=[group])
+        await wait_until(complete, within=60, what="latency samples", procs=[group])
         samples = [float(x) for x in await system.redis.lrange(key, 0, -1)]
+        await asyncio.sleep(0.2)
+        parts = [json.loads(x) for x in await system.redis.lrange(f"{key}:parts", 0, -1)]
     finally:
         group.stop()
         await system.clear(queue, {"w": 300})
-        await system.redis.delete(key)
+        await system.redis.delete(key, f"{key}:parts")
     result = {
         "rate": rate,
         "duration_s": duration,
@@ -83,5 +99,14 @@ async def run_latency(system: System, rate: float, duration: float) -> dict[str,
         "max_ms": round(max(samples), 3),
         "samples": len(samples),
     }
+    if parts:
+        result["breakdown_ms"] = {
+            name: {
+                "p50": round(percentile([p[name] for p in parts], 50), 2),
+                "p99": round(percentile([p[name] for p in parts], 99), 2),
+                "mean": round(sum(p[name] for p in parts) / len(parts), 3),
+            }
+            for name in parts[0]
+        }
     say(f"  -> p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
     return result

@@ -22,28 +22,51 @@ from bench.common import BIN_DIR, RESULTS_DIR, say
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
-# Areas of the code: a sample counts for an area when any frame of its stack matches.
+# Areas of the code: a sample counts for an area when any frame of its stack matches (areas
+# overlap: a nested area is also counted in the area around it).
 AREAS: list[tuple[str, str]] = [
-    ("structlog logging (all log calls)", r"(^|;)structlog/"),
-    ("drm LifecycleMiddleware", r"drm_taskiq/middlewares/lifecycle\.py"),
-    ("drm ValidationMiddleware", r"drm_taskiq/middlewares/validation\.py"),
-    ("drm DrmBroker.listen/_take", r"drm_taskiq/queue_broker\.py:(listen|_take)"),
-    ("drm DrmBroker._ack (finish.lua)", r"drm_taskiq/queue_broker\.py:_ack"),
-    ("drm DrmBroker.kick (enqueue.lua)", r"drm_taskiq/queue_broker\.py:kick"),
-    ("drm run ledger (RunLedger)", r"drm_taskiq/runlog\.py"),
-    ("drm handler wrapper (run_plugin_job)", r"drm_taskiq/jobs\.py:run_plugin_job"),
-    ("plugin context (create_plugin_context)", r"drm_taskiq/context\.py"),
-    ("drm cron engine", r"drm_taskiq/cron\.py"),
-    ("croniter", r"(^|;)croniter/"),
-    ("pydantic", r"pydantic"),
-    ("redis-py client", r"(^|;)redis/"),
-    ("asyncpg", r"(^|;)asyncpg/"),
-    ("taskiq receiver (callback/run_task)", r"taskiq/receiver/"),
-    ("taskiq kicker (kiq)", r"taskiq/kicker\.py"),
-    ("taskiq dependencies", r"taskiq_dependencies/"),
-    ("anyio (timeout scopes)", r"(^|;)anyio/"),
-    ("json", r"(^|;)json/"),
-    ("asyncio event loop", r"(^|;)asyncio/"),
+    # the worker, per message
+    ("taskiq Receiver.callback: everything done per message", r"receiver\.py:Receiver\.callback"),
+    ("  drm LifecycleMiddleware.pre_execute", r"lifecycle\.py:LifecycleMiddleware\.pre_execute"),
+    ("  taskiq Receiver.run_task: calls the task", r"receiver\.py:Receiver\.run_task"),
+    ("    anyio timeout scope (the timeout label)", r"^anyio/"),
+    (
+        "    drm run_plugin_job: Job, tenant config, context",
+        r"drm_taskiq/jobs\.py:.*run_plugin_job",
+    ),
+    ("      drm create_plugin_context", r"drm_taskiq/context\.py:create_plugin_context"),
+    ("  drm LifecycleMiddleware.post_execute", r"lifecycle\.py:LifecycleMiddleware\.post_execute"),
+    ("  drm DrmBroker._ack: finish.lua", r"queue_broker\.py:DrmBroker\._ack"),
+    ("drm DrmBroker.listen: take.lua, wake-ups", r"queue_broker\.py:DrmBroker\.listen"),
+    ("plain ListQueueBroker.listen: BRPOP", r"redis_broker\.py:ListQueueBroker\.listen"),
+    ("taskiq Receiver.prefetcher/runner", r"receiver\.py:Receiver\.(prefetcher|runner)$"),
+    ("drm RunLedger: stream -> PostgreSQL -> settle", r"drm_taskiq/runlog\.py:RunLedger\.run"),
+    (
+        "drm lease renewal / stalled check",
+        r"queue_broker\.py:DrmBroker\._(renew_leases|check_stalled)",
+    ),
+    # the producer
+    ("taskiq AsyncKicker.kiq", r"taskiq/kicker\.py:AsyncKicker\.kiq"),
+    ("  drm ValidationMiddleware.pre_send", r"validation\.py:ValidationMiddleware\.pre_send"),
+    ("  drm DrmBroker.kick: enqueue.lua", r"queue_broker\.py:DrmBroker\.kick"),
+    ("  drm LifecycleMiddleware.post_send", r"lifecycle\.py:LifecycleMiddleware\.post_send"),
+    ("  plain ListQueueBroker.kick: LPUSH", r"redis_broker\.py:ListQueueBroker\.kick"),
+    # the scheduler
+    ("drm CronEngine.tick", r"drm_taskiq/cron\.py:CronEngine\.tick"),
+    ("  drm CronEngine.load (re-read every DRM_SCHEDULE_POLL_S)", r"cron\.py:CronEngine\.load"),
+    ("  drm CronEngine._fire (enqueue one slot)", r"cron\.py:CronEngine\._fire"),
+    ("  croniter (slot arithmetic)", r"^croniter/"),
+    # the run ledger
+    ("drm RunLedger._read (XREADGROUP)", r"runlog\.py:RunLedger\._read"),
+    ("drm write_entries (one transaction)", r"runlog\.py:write_entries$"),
+    ("drm LedgerEntry.parse", r"runlog\.py:LedgerEntry\.parse"),
+    ("drm settle (settle.lua)", r"redis_queue\.py:RedisQueue\.settle_ledger"),
+    # across everything
+    ("structlog (binding, contextvars, rendering)", r"^structlog/"),
+    ("redis-py client code", r"^redis/"),
+    ("asyncpg", r"^asyncpg/"),
+    ("pydantic", r"^pydantic"),
+    ("json", r"^json/"),
 ]
 
 
@@ -63,12 +86,30 @@ def _short(func: str, path: str) -> str:
     return f"{path}:{func}" if path else func
 
 
-def summarize(path: Path, top: int = 15) -> dict[str, Any]:
-    """Top frames of a collapsed-stack profile."""
+_COMPILED = [(area, re.compile(pattern)) for area, pattern in AREAS]
+_FRAME_AREAS: dict[str, frozenset[str]] = {}
+
+
+def _areas_of(frame: str) -> frozenset[str]:
+    found = _FRAME_AREAS.get(frame)
+    if found is None:
+        found = frozenset(area for area, pattern in _COMPILED if pattern.search(frame))
+        _FRAME_AREAS[frame] = found
+    return found
+
+
+def summarize(
+    path: Path, top: int = 15, focus: str | None = None, cpu_us_per_job: float | None = None
+) -> dict[str, Any]:
+    """Top frames of a collapsed-stack profile; with ``focus`` (a regex on "file:function"),
+    only the samples whose stack holds a matching frame (e.g. the producer loop, not start-up).
+    With ``cpu_us_per_job`` each area's share is also given in microseconds per job."""
+    focus_re = re.compile(focus) if focus else None
     self_counts: Counter[str] = Counter()
     incl_counts: Counter[str] = Counter()
     area_counts: Counter[str] = Counter()
     total = 0
+    complete = 0
     for line in path.read_text("utf-8", errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -78,48 +119,76 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
         frames = [f for f in frames if not f[0].startswith(("process ", "thread "))]
         if not frames:
             continue
+        keys = [f"{file}:{func}" for func, file in frames]
+        if focus_re is not None and not any(focus_re.search(k) for k in keys):
+            continue
         total += count
+        if frames[0][0] in ("<module>", "_run_module_as_main"):
+            complete += count
         names = [_short(func, file) for func, file in frames]
         self_counts[names[-1]] += count
         for name in set(names):
             incl_counts[name] += count
-        joined = ";".join(f"{file}:{func}" for func, file in frames)
-        for area, pattern in AREAS:
-            if re.search(pattern, joined):
-                area_counts[area] += count
+        hit: set[str] = set()
+        for key in set(keys):
+            hit |= _areas_of(key)
+        for area in hit:
+            area_counts[area] += count
 
     def pct(value: int) -> float:
         return round(100 * value / total, 1) if total else 0.0
 
+    areas = []
+    for area, _ in AREAS:
+        if area_counts[area]:
+            item: dict[str, Any] = {"area": area, "pct": pct(area_counts[area])}
+            if cpu_us_per_job:
+                item["us_per_job"] = round(cpu_us_per_job * area_counts[area] / total)
+            areas.append(item)
     return {
         "samples": total,
+        # samples whose stack reaches the program's entry; the others were cut short by the
+        # non-blocking sampler (their inner frames still count)
+        "complete_stack_pct": pct(complete),
+        "focus": focus,
+        "cpu_us_per_job": cpu_us_per_job,
         "self_top": [{"frame": k, "pct": pct(v)} for k, v in self_counts.most_common(top)],
         "inclusive_top": [
             {"frame": k, "pct": pct(v)} for k, v in incl_counts.most_common(top + 10)
         ],
-        "areas": [
-            {"area": area, "pct": pct(area_counts[area])}
-            for area, _ in AREAS
-            if area_counts[area]
-        ],
+        "areas": areas,
     }
 
 
 class Recorder:
     """``py-spy record`` attached to running processes (one py-spy per pid)."""
 
-    def __init__(self, name: str, rate: int = 200) -> None:
+    def __init__(self, name: str, rate: int = 200, *, nonblocking: bool = True) -> None:
         self.name = name
         self.rate = rate
+        # --nonblocking: the target is not paused per sample. Blocking mode was seen to add
+        # ~50% CPU per job to a drm-taskiq worker (and to over-weight code doing syscalls);
+        # non-blocking samples cost nothing but ~half of them have truncated stacks.
+        self.nonblocking = nonblocking
         self.procs: list[tuple[int, Path, subprocess.Popen[bytes]]] = []
         self.dir = RESULTS_DIR / "profiles"
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, pid: int, out: Path) -> subprocess.Popen[bytes]:
         argv = [
-            str(BIN_DIR / "py-spy"), "record", "-p", str(pid), "-r", str(self.rate),
-            "-f", "raw", "-o", str(out),
+            str(BIN_DIR / "py-spy"),
+            "record",
+            "-p",
+            str(pid),
+            "-r",
+            str(self.rate),
+            "-f",
+            "raw",
+            "-o",
+            str(out),
         ]
+        if self.nonblocking:
+            argv.append("--nonblocking")
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     async def start(self, pids: list[int]) -> None:
@@ -140,12 +209,12 @@ class Recorder:
 
     async def stop(self) -> list[Path]:
         outs = []
-        for _pid, out, proc in self.procs:
+        for _pid, _out, proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + 20
         for _pid, out, proc in self.procs:
-            while proc.poll() is None and time.monotonic() < deadline:
+            while proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             if proc.poll() is None:
                 proc.kill()

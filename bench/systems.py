@@ -33,23 +33,36 @@ CHUNK = 20_000
 PLACEHOLDER_ID = "BENCHJOBID0"
 PLACEHOLDER_KEY = "BENCHMARKKEY0"
 
-_DRM_FILL = """
-local n = 0
-local first, last = tonumber(ARGV[3]), tonumber(ARGV[4])
-local pri = tonumber(ARGV[6])
+# The fill script runs the project's own enqueue.lua (its source, wrapped as a function) once per
+# job, with the keys and arguments that a real ``kiq`` produced for a template job (captured
+# once), the template's job id replaced by each new id. So the fill follows the real layout.
+_DRM_FILL_LOOP = """
+local prefix, first, last = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local nk, na = tonumber(ARGV[4]), tonumber(ARGV[5])
+local created = 0
 for i = first, last do
-  local id = ARGV[2] .. i
-  local seq = redis.call('INCR', KEYS[2]) % 4294967296
-  redis.call('HSET', ARGV[1] .. id, 'seq', seq, 'ts', ARGV[5], 'attempts', 0, 'stalled', 0,
-    'pri', pri, 'msg', ARGV[7] .. id .. ARGV[8], 'name', ARGV[9], 'plugin', ARGV[10],
-    'job', ARGV[11], 'tenant', ARGV[12], 'state', 'waiting')
-  redis.call('ZADD', KEYS[1], pri * 4294967296 + seq, id)
-  n = n + 1
+  local id = prefix .. i
+  local keys, args = {}, {}
+  local p = 6
+  for j = 1, nk + na do
+    local v = ARGV[p + 1]
+    if ARGV[p] == '1' then v = ARGV[p + 1] .. id .. ARGV[p + 2] end
+    if j <= nk then keys[j] = v else args[j - nk] = v end
+    p = p + 3
+  end
+  local r = __enqueue(keys, args)
+  if tonumber(r[1]) == 1 then created = created + 1 end
 end
-for m = 1, tonumber(ARGV[13]) do redis.call('LPUSH', KEYS[3], '1') end
-redis.call('LTRIM', KEYS[3], 0, 999)
-return n
+return created
 """
+
+
+def _fill_script(source: str | bytes) -> str:
+    """``source``: the enqueue script exactly as ``RedisQueue`` registers it."""
+    if isinstance(source, bytes):
+        source = source.decode("utf-8")
+    return f"local function __enqueue(KEYS, ARGV)\n{source}\nend\n{_DRM_FILL_LOOP}"
+
 
 _DRM_UNLINK = """
 local first, last = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -61,13 +74,6 @@ _PLAIN_FILL = """
 for i = 1, tonumber(ARGV[2]) do redis.call('LPUSH', KEYS[1], ARGV[1]) end
 return 1
 """
-
-
-def _split(message: str, needle: str) -> tuple[str, str]:
-    head, found, tail = message.partition(needle)
-    if not found or needle in tail:
-        raise RuntimeError(f"template does not hold {needle!r} exactly once: {message[:200]}")
-    return head, tail
 
 
 class System:
@@ -118,7 +124,7 @@ class System:
         async def ready() -> bool:
             return int(await self.redis.scard(key)) >= workers
 
-        await wait_until(ready, timeout=90, what=f"{group.name} ready", procs=[group])
+        await wait_until(ready, within=90, what=f"{group.name} ready", procs=[group])
         await self.redis.delete(key)
 
     async def warmup(self, queue: str, group: ProcGroup, count: int = 300) -> None:
@@ -126,12 +132,12 @@ class System:
         key = f"{self.namespace}:warm:{queue}"
         await self.fill(queue, count, id_prefix="w")
         await self.push_mark(queue, key)
-        await self.wait_mark(key, group, timeout=90)
+        await self.wait_mark(key, group, within=90)
         await self.wait_idle(queue, group)
 
-    async def wait_mark(self, key: str, group: ProcGroup, timeout: float) -> float:
+    async def wait_mark(self, key: str, group: ProcGroup, within: float) -> float:
         """Block until the marker job ran; returns the time it ran (epoch seconds)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
             got = await self.redis.blpop([key], timeout=1)
             if got is not None:
@@ -139,13 +145,13 @@ class System:
             if not group.alive():
                 raise RuntimeError(f"{group.name} exited:\n{group.tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"marker {key} not seen within {timeout} s\n{group.tail()}")
+                raise TimeoutError(f"marker {key} not seen within {within} s\n{group.tail()}")
 
-    async def wait_idle(self, queue: str, group: ProcGroup, timeout: float = 60) -> None:
+    async def wait_idle(self, queue: str, group: ProcGroup, within: float = 60) -> None:
         async def idle() -> bool:
             return not any((await self.pending(queue)).values())
 
-        await wait_until(idle, timeout=timeout, interval=0.02, what="queue idle", procs=[group])
+        await wait_until(idle, within=within, interval=0.02, what="queue idle", procs=[group])
 
     @staticmethod
     def pause(pids: list[int]) -> None:
@@ -170,9 +176,11 @@ class DrmSystem(System):
 
     def __init__(self, namespace: str) -> None:
         super().__init__(namespace)
-        self._fill = self.redis.register_script(_DRM_FILL)
+        self._fill: Any = None  # registered in setup(), from the project's enqueue script
         self._unlink = self.redis.register_script(_DRM_UNLINK)
-        self.templates: dict[str, dict[str, str]] = {}
+        # template name -> (keys, args) of enqueue.lua for job id PLACEHOLDER_ID, queue "tpl"
+        self.templates: dict[str, tuple[list[str], list[str]]] = {}
+        self.message = ""
         self.pool: Any = None
 
     def settings(self, queue: str) -> Any:
@@ -186,6 +194,7 @@ class DrmSystem(System):
             queue=queue,
             entry_points=False,
             allow_unsigned_plugins=True,
+            tenant_enqueue_rate=0,
         )
 
     def keys(self, queue: str) -> Any:
@@ -194,12 +203,11 @@ class DrmSystem(System):
         return QueueKeys(self.namespace, queue)
 
     async def setup(self) -> None:
-        """Migrate the bench schema, add the tenant, capture message templates."""
+        """Migrate the bench schema, add the tenant, capture what a real enqueue sends."""
+        from bench.drm_plugin import plugin  # noqa: PLC0415
         from drm_taskiq import store  # noqa: PLC0415
         from drm_taskiq.jobs import JobScheduler  # noqa: PLC0415
         from drm_taskiq.queue_broker import DrmBroker  # noqa: PLC0415
-
-        from bench.drm_plugin import plugin  # noqa: PLC0415
 
         settings = self.settings("tpl")
         await store.migrate(settings)
@@ -207,18 +215,41 @@ class DrmSystem(System):
         await store.ensure_tenant(self.pool, TENANT, plugins={"bench": {}})
         client = JobScheduler(DrmBroker(settings, own_process=False), plugins=[plugin])
         await client.start()
+        scripts = client.broker.queue._scripts  # the enqueue call is captured, not run
+        real = scripts["enqueue"]
+        self._fill = self.redis.register_script(_fill_script(real.script))
+        captured: list[tuple[list[Any], list[Any]]] = []
+
+        async def capture(keys: list[Any], args: list[Any], client: Any = None) -> Any:
+            captured.append((list(keys), list(args)))
+            return [1, b"waiting"]
+
         try:
             await client.load_plugins()
-            for job, data in (("noop", None), ("mark", {"k": PLACEHOLDER_KEY})):
+            scripts["enqueue"] = capture
+            for name, job, data, labels in (
+                ("noop", "noop", None, {}),
+                ("backlog", "noop", None, {"priority": 10}),
+                ("mark", "mark", {"k": PLACEHOLDER_KEY}, {}),
+            ):
                 task = client.broker.find_task(f"plugin:bench:{job}")
                 assert task is not None
-                await task.kicker().with_task_id(PLACEHOLDER_ID).kiq(data, tenant_id=TENANT)
-                raw = await self.redis.hgetall(client.broker.queue.keys.job(PLACEHOLDER_ID))
-                fields = {k.decode(): v.decode() for k, v in raw.items()}
-                self.templates[job] = fields
-                await self.clear("tpl")
+                captured.clear()
+                kicker = task.kicker().with_task_id(PLACEHOLDER_ID).with_labels(**labels)
+                await kicker.kiq(data, tenant_id=TENANT)
+                keys, args = captured[-1]
+                self.templates[name] = ([_text(k) for k in keys], [_text(a) for a in args])
         finally:
+            scripts["enqueue"] = real
             await client.close()
+        tpl = self.keys("tpl").base
+        for name, (keys, args) in self.templates.items():
+            # keys are the queue "tpl"'s: make them queue-relative
+            self.templates[name] = ([k.replace(tpl, "{QUEUEBASE}") for k in keys], args)
+        self.message = next(
+            a for a in self.templates["noop"][1] if PLACEHOLDER_ID in a and a.startswith("{")
+        )
+        await self.clear("tpl")
 
     def start_workers(self, queue: str, workers: int, tag: str) -> ProcGroup:
         env = drm_env(self.namespace, queue, BENCH_READY_KEY=self.ready_key(tag))
@@ -228,35 +259,41 @@ class DrmSystem(System):
         return drm_env(self.namespace, queue)
 
     async def _fill_range(
-        self, queue: str, template: dict[str, str], id_prefix: str, first: int, last: int,
-        *, pri: int, msg: str, markers: int,
-    ) -> None:
-        k = self.keys(queue)
-        head, tail = _split(msg, PLACEHOLDER_ID)
-        await self._fill(
-            keys=[k.wait, k.seq, k.marker],
-            args=[
-                k.job_prefix, id_prefix, first, last, int(time.time() * 1000), pri, head, tail,
-                template["name"], template["plugin"], template["job"], template["tenant"],
-                markers,
-            ],
+        self,
+        queue: str,
+        template: str,
+        id_prefix: str,
+        *,
+        first: int,
+        last: int,
+        replace: dict[str, str] | None = None,
+    ) -> int:
+        keys, args = self.templates[template]
+        base = self.keys(queue).base
+        flat: list[Any] = []
+        for index, raw in enumerate([*keys, *args]):
+            value = raw.replace("{QUEUEBASE}", base) if index < len(keys) else raw
+            for old, new in (replace or {}).items():
+                value = value.replace(old, new)
+            head, found, tail = value.partition(PLACEHOLDER_ID)
+            flat.extend(("1", head, tail) if found else ("0", value, ""))
+        created = await self._fill(
+            keys=[], args=[id_prefix, first, last, len(keys), len(args), *flat]
         )
+        return int(created)
 
     async def fill(self, queue: str, count: int, *, id_prefix: str, backlog: bool = False) -> None:
-        template = self.templates["noop"]
-        pri = 10 if backlog else 0
+        template = "backlog" if backlog else "noop"
         for first in range(1, count + 1, CHUNK):
             last = min(first + CHUNK - 1, count)
-            await self._fill_range(
-                queue, template, id_prefix, first, last, pri=pri, msg=template["msg"],
-                markers=8 if last == count else 0,
-            )
+            created = await self._fill_range(queue, template, id_prefix, first=first, last=last)
+            if created != last - first + 1:
+                raise RuntimeError(f"fill created {created} of {last - first + 1} jobs")
 
     async def push_mark(self, queue: str, key: str) -> None:
-        template = self.templates["mark"]
-        msg = template["msg"].replace(PLACEHOLDER_KEY, key)
-        await self._fill_range(queue, template, f"mark{time.time_ns()}-", 1, 1, pri=0, msg=msg,
-                               markers=8)
+        await self._fill_range(
+            queue, "mark", f"mark{time.time_ns()}-", first=1, last=1, replace={PLACEHOLDER_KEY: key}
+        )
 
     async def pending(self, queue: str) -> dict[str, int]:
         k = self.keys(queue)
@@ -286,6 +323,12 @@ class DrmSystem(System):
         if self.pool is not None:
             await self.pool.close()
         await super().close()
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)
 
 
 class PlainSystem(System):
@@ -330,9 +373,7 @@ class PlainSystem(System):
     async def fill(self, queue: str, count: int, *, id_prefix: str, backlog: bool = False) -> None:
         msg = self.templates["bench:noop"]
         for first in range(0, count, CHUNK):
-            await self._fill(
-                keys=[self.list_name(queue)], args=[msg, min(CHUNK, count - first)]
-            )
+            await self._fill(keys=[self.list_name(queue)], args=[msg, min(CHUNK, count - first)])
 
     async def push_mark(self, queue: str, key: str) -> None:
         msg = self.templates["bench:mark"].replace(PLACEHOLDER_KEY, key)
@@ -347,7 +388,7 @@ class PlainSystem(System):
 
 def message_size(system: System) -> int:
     if isinstance(system, DrmSystem):
-        return len(system.templates["noop"]["msg"])
+        return len(system.message)
     assert isinstance(system, PlainSystem)
     return len(system.templates["bench:noop"])
 

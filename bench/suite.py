@@ -1,0 +1,524 @@
+"""The benchmark suite: drm-taskiq against plain taskiq, measured in the same run.
+
+``python -m bench [--quick] [--phases a,b,...]`` (``bench/run`` sets up the environment first).
+Prints one table on stdout, progress on stderr, and writes ``bench/results/latest.json`` (plus
+a timestamped copy and ``latest.md``, the table with the machine facts).
+
+Phases, in order: enqueue, drain, latency, scale, cron, ledger, profile, whatif (ledger, profile
+and whatif may run earlier, while the cron phase waits for a minute boundary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    BIN_DIR,
+    REPO_ROOT,
+    RESULTS_DIR,
+    cleanup_namespace,
+    drm_env,
+    log_dir,
+    machine_busy,
+    new_namespace,
+    say,
+)
+from bench.report import render_markdown, render_table, targets
+from bench.systems import DrmSystem, PlainSystem, System
+
+PHASES = ("enqueue", "drain", "latency", "scale", "cron", "ledger", "profile", "whatif")
+
+
+def config(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {
+            "enqueue_jobs": 2000,
+            "enqueue_rounds": 1,
+            "producers": [1, 32],
+            "drain_jobs": 3000,
+            "drain_workers": [1, 2],
+            "drain_rounds": 1,
+            "latency_rate": 200,
+            "latency_s": 3,
+            "scale_jobs": 3000,
+            "scale_backlogs": [1000, 100_000],
+            "scale_workers": 2,
+            "ledger_rows": 3000,
+            "ledger_batches": [20, 500],
+            "cron": [{"schedules": 1000, "cron": "*/5 * * * * *", "timeout": 4.5}],
+            "profile_jobs": 3000,
+            "whatif_jobs": 3000,
+        }
+    return {
+        "enqueue_jobs": 5000,
+        "enqueue_rounds": 3,
+        "producers": [1, 32],
+        "drain_jobs": 10_000,
+        "drain_workers": [1, 2, 4],
+        "drain_rounds": 2,
+        "latency_rate": 200,
+        "latency_s": 10,
+        "scale_jobs": 6000,
+        "scale_backlogs": [1000, 100_000, 1_000_000],
+        "scale_workers": 2,
+        "ledger_rows": 10_000,
+        "ledger_batches": [20, 100, 500, 2000],
+        "cron": [
+            {"schedules": 1000, "cron": "*/10 * * * * *", "timeout": 9.5},
+            {"schedules": 10_000, "cron": "* * * * *", "timeout": 55, "profile": True},
+        ],
+        "profile_jobs": 6000,
+        "whatif_jobs": 6000,
+    }
+
+
+# --------------------------------------------------------------------------- machine facts
+def _run(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        return done.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _cpu_and_memory() -> tuple[str, int]:
+    cpu_model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    return cpu_model, mem_kb
+
+
+async def machine_facts(system: System) -> dict[str, Any]:
+    cpu_model, mem_kb = _cpu_and_memory()
+    info = await system.redis.info("server")
+    from importlib.metadata import version  # noqa: PLC0415
+
+    import asyncpg  # noqa: PLC0415
+
+    from bench.common import DATABASE_URL  # noqa: PLC0415
+
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        pg_version = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    packages = {}
+    for name in (
+        "taskiq",
+        "taskiq-redis",
+        "redis",
+        "asyncpg",
+        "structlog",
+        "croniter",
+        "uvloop",
+        "hiredis",
+    ):
+        try:
+            packages[name] = version(name)
+        except Exception:
+            packages[name] = None
+    commit = _run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = _run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "src"])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gb": round(mem_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "redis": info.get("redis_version"),
+        "postgresql": pg_version,
+        "packages": packages,
+        "git_commit": commit,
+        "src_modified": bool(dirty),
+    }
+
+
+def background_busy_pct(seconds: float = 2.0) -> float:
+    """How busy the machine is before we start (other users of the shared machine)."""
+    b0, t0 = machine_busy()
+    time.sleep(seconds)
+    b1, t1 = machine_busy()
+    return round(100 * (b1 - b0) / max(t1 - t0, 1), 1)
+
+
+# --------------------------------------------------------------------------- phases
+async def phase_enqueue(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -> dict[str, Any]:
+    """``enqueue_rounds`` rounds, the systems interleaved; the best round is reported."""
+    from bench.producers import run_enqueue  # noqa: PLC0415
+
+    rounds: dict[str, list[dict[str, Any]]] = {"plain": [], "drm": []}
+    for _ in range(cfg["enqueue_rounds"]):
+        for system in (plain, drm):
+            rounds[system.name].append(
+                await run_enqueue(system, cfg["enqueue_jobs"], cfg["producers"])
+            )
+    out: dict[str, Any] = {}
+    for name, runs in rounds.items():
+        out[name] = {}
+        for producers in map(str, cfg["producers"]):
+            best = max((run[producers] for run in runs), key=lambda r: r["rate"])
+            out[name][producers] = {
+                **best,
+                "rates_all_rounds": [run[producers]["rate"] for run in runs],
+            }
+    return out
+
+
+async def phase_drain(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -> dict[str, Any]:
+    """Each configuration ``drain_rounds`` times, the systems interleaved; the best round of
+    each system is reported (the one least disturbed by other work on the machine)."""
+    from bench.drain import run_drain  # noqa: PLC0415
+
+    out: dict[str, Any] = {"plain": {}, "drm": {}}
+    for workers in cfg["drain_workers"]:
+        rounds = cfg["drain_rounds"] if workers in (1, 2) else 1
+        runs: dict[str, list[dict[str, Any]]] = {"plain": [], "drm": []}
+        for _ in range(rounds):
+            for system in (plain, drm):
+                runs[system.name].append(
+                    await run_drain(
+                        system, workers=workers, n=cfg["drain_jobs"], tag=f"drain{workers}"
+                    )
+                )
+        for name, results in runs.items():
+            best = max(results, key=lambda r: r["rate"])
+            out[name][str(workers)] = {**best, "rates_all_rounds": [r["rate"] for r in results]}
+    return out
+
+
+async def phase_latency(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -> dict[str, Any]:
+    from bench.producers import run_latency  # noqa: PLC0415
+
+    return {
+        system.name: await run_latency(system, cfg["latency_rate"], cfg["latency_s"])
+        for system in (plain, drm)
+    }
+
+
+async def phase_scale(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -> dict[str, Any]:
+    from bench.drain import run_drain  # noqa: PLC0415
+
+    out: dict[str, Any] = {"plain": {}, "drm": {}}
+    for backlog in cfg["scale_backlogs"]:
+        for system in (plain, drm):
+            out[system.name][str(backlog)] = await run_drain(
+                system,
+                workers=cfg["scale_workers"],
+                n=cfg["scale_jobs"],
+                backlog=backlog,
+                tag=f"scale{backlog}",
+            )
+    return out
+
+
+async def phase_ledger(cfg: dict[str, Any], drm: DrmSystem) -> list[dict[str, Any]]:
+    from bench.ledger_bench import run_ledger  # noqa: PLC0415
+
+    return await run_ledger(
+        drm, rows=cfg["ledger_rows"], batches=cfg["ledger_batches"], profile_batch=500
+    )
+
+
+async def phase_cron(
+    cfg: dict[str, Any], drm: DrmSystem, fillers: list[Any]
+) -> list[dict[str, Any]]:
+    from bench.cron_bench import run_cron  # noqa: PLC0415
+
+    results = []
+    for spec in cfg["cron"]:
+        if len(spec["cron"].split()) == 5:
+            await _align_to_minute(spec["schedules"], fillers)
+        results.append(
+            await run_cron(
+                drm,
+                schedules=spec["schedules"],
+                cron=spec["cron"],
+                within=spec["timeout"],
+                profile=spec.get("profile", False),
+            )
+        )
+    return results
+
+
+async def _align_to_minute(schedules: int, fillers: list[Any]) -> None:
+    """Start a minute-cron run so that the schedulers' first pass ends shortly before a minute
+    boundary: run filler phases while the wait is long, then sleep what is left."""
+    startup_guess = 5 + 1.2 * schedules / 1000  # seconds: processes, then the first pass
+
+    def slack() -> float:
+        wait = 60 - (time.time() % 60) - startup_guess - 4
+        return wait if wait >= 0 else wait + 60
+
+    while fillers and slack() > 25:
+        await fillers.pop(0)()
+    wait = slack()
+    if wait > 0:
+        say(f"waiting {wait:.0f} s so that the cron slot comes right after the schedulers start")
+        await asyncio.sleep(wait)
+
+
+async def phase_profile(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -> dict[str, Any]:
+    """py-spy (non-blocking, 200 Hz) on a worker of each system during a 1-process drain, and on
+    a producer of each system enqueueing (1 producer)."""
+    from bench.drain import run_drain  # noqa: PLC0415
+    from bench.profile import Recorder, merge, summarize  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for system in (drm, plain):
+        recorder = Recorder(f"{system.name}-worker")
+        paths: list[Path] = []
+
+        async def on_start(group: Any, recorder: Recorder = recorder) -> None:
+            await recorder.start(group.worker_pids())
+
+        async def on_end(
+            group: Any, recorder: Recorder = recorder, paths: list[Path] = paths
+        ) -> None:
+            paths.extend(await recorder.stop())
+
+        drain = await run_drain(
+            system,
+            workers=1,
+            n=cfg["profile_jobs"],
+            tag="profile",
+            on_start=on_start,
+            on_end=on_end,
+        )
+        if paths:
+            path = merge(paths, recorder.dir / f"{system.name}-worker.txt")
+            cpu = drain["cpu"]["worker_cpu_us_per_job"]
+            out[f"{system.name}-worker"] = {
+                "file": str(path.relative_to(REPO_ROOT)),
+                "drain_rate_under_profiler": drain["rate"],
+                **summarize(path, cpu_us_per_job=cpu),
+            }
+    for system in (drm, plain):
+        path = RESULTS_DIR / "profiles" / f"{system.name}-client.txt"
+        spec = {
+            "system": system.name,
+            "mode": "enqueue",
+            "namespace": system.namespace,
+            "queue": "profile-enq",
+            "n": cfg["enqueue_jobs"],
+            "producers": [1],
+        }
+        log = (log_dir() / f"client-profile-{system.name}.log").open("wb")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(BIN_DIR / "py-spy"),
+                "record",
+                "-r",
+                "200",
+                "--nonblocking",
+                "-f",
+                "raw",
+                "-o",
+                str(path),
+                "--",
+                sys.executable,
+                "-m",
+                "bench.client",
+                json.dumps(spec),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=system.client_env("profile-enq"),
+            )
+            stdout, _ = await proc.communicate()
+        finally:
+            log.close()
+            await system.clear("profile-enq")
+        cpu = None
+        lines = [x for x in stdout.decode().splitlines() if x.startswith("{")]  # not py-spy's
+        if lines:
+            cpu = json.loads(lines[-1])["1"]["client_cpu_us_per_job"]
+        if path.exists():
+            out[f"{system.name}-client"] = {
+                "file": str(path.relative_to(REPO_ROOT)),
+                **summarize(path, focus=r"bench/client\.py:.*producer", cpu_us_per_job=cpu),
+            }
+    return out
+
+
+async def phase_whatif(cfg: dict[str, Any], drm: DrmSystem) -> dict[str, Any]:
+    """drm-taskiq with one setting changed (no code change): evidence for where the per-job
+    cost goes. "no per-job log lines" turns off job_enqueued / job_started / job_succeeded
+    (DRM_LOG_LEVEL=WARNING) and taskiq's own per-task line (--log-level WARNING)."""
+    from bench.common import taskiq_worker  # noqa: PLC0415
+    from bench.drain import run_drain  # noqa: PLC0415
+    from bench.producers import run_enqueue  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    out["enqueue, no per-job log lines"] = await run_enqueue(
+        drm, cfg["enqueue_jobs"], cfg["producers"], env={"DRM_LOG_LEVEL": "WARNING"}
+    )
+    variants: dict[str, tuple[dict[str, str], list[str]]] = {
+        "defaults (reference)": ({}, []),
+        "no per-job log lines": ({"DRM_LOG_LEVEL": "WARNING"}, ["--log-level", "WARNING"]),
+        "WORKER_CONCURRENCY=100": ({"WORKER_CONCURRENCY": "100"}, []),
+    }
+    original = drm.start_workers
+    for index, (label, (extra, argv)) in enumerate(variants.items()):
+
+        def start(
+            queue: str,
+            workers: int,
+            tag: str,
+            extra: dict[str, str] = extra,
+            argv: list[str] = argv,
+        ) -> Any:
+            env = drm_env(drm.namespace, queue, BENCH_READY_KEY=drm.ready_key(tag), **extra)
+            return taskiq_worker(f"drm-{tag}", "drm_taskiq.broker:broker", workers, env, *argv)
+
+        drm.start_workers = start  # type: ignore[method-assign]
+        try:
+            out[label] = await run_drain(drm, workers=1, n=cfg["whatif_jobs"], tag=f"whatif{index}")
+        finally:
+            drm.start_workers = original  # type: ignore[method-assign]
+    return out
+
+
+def _quiet_logging() -> None:
+    """drm-taskiq's structlog events of this process (the setup client) go to a log file, so
+    that stdout carries the table only."""
+    import logging  # noqa: PLC0415
+
+    import structlog  # noqa: PLC0415
+
+    stream = (log_dir() / "bench.log").open("a", encoding="utf-8")
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+    )
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+# --------------------------------------------------------------------------- main
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small, fast subset")
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases")
+    parser.add_argument("--output", default=str(RESULTS_DIR / "latest.json"))
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="first wait up to this long for the machine to be idle (default: 20, quick: 0)",
+    )
+    args = parser.parse_args(argv)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phases: {sorted(unknown)}; known: {', '.join(PHASES)}")
+    cfg = config(args.quick)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(log_dir(), ignore_errors=True)
+    log_dir()
+
+    _quiet_logging()
+    started = time.time()
+    namespace = new_namespace()
+    say(f"namespace {namespace} (schema and key prefix; removed at the end)")
+    busy = background_busy_pct()
+    wait_quiet = args.wait_quiet if args.wait_quiet is not None else (0 if args.quick else 20)
+    deadline = time.time() + wait_quiet
+    while busy > 15 and time.time() < deadline:
+        say(f"the machine is {busy}% busy (other work); waiting for it to calm down")
+        busy = background_busy_pct(3)
+    if busy > 15:
+        say(f"warning: the machine is already {busy}% busy; results will be noisy")
+    plain, drm = PlainSystem(namespace), DrmSystem(namespace)
+    results: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "config": cfg,
+        "background_busy_pct_before": busy,
+        "phases": {},
+        "errors": {},
+        "durations_s": {},
+    }
+
+    async def run_phase(name: str, coro: Any) -> None:
+        t = time.time()
+        try:
+            results["phases"][name] = await coro
+        except Exception as exc:
+            say(f"phase {name} failed: {type(exc).__name__}: {exc}")
+            results["errors"][name] = f"{type(exc).__name__}: {exc}"[:4000]
+        results["durations_s"][name] = round(time.time() - t, 1)
+
+    try:
+        await plain.setup()
+        await drm.setup()
+        results["machine"] = await machine_facts(drm)
+        todo = {
+            "enqueue": lambda: run_phase("enqueue", phase_enqueue(cfg, plain, drm)),
+            "drain": lambda: run_phase("drain", phase_drain(cfg, plain, drm)),
+            "latency": lambda: run_phase("latency", phase_latency(cfg, plain, drm)),
+            "scale": lambda: run_phase("scale", phase_scale(cfg, plain, drm)),
+            "ledger": lambda: run_phase("ledger", phase_ledger(cfg, drm)),
+            "profile": lambda: run_phase("profile", phase_profile(cfg, plain, drm)),
+            "whatif": lambda: run_phase("whatif", phase_whatif(cfg, drm)),
+        }
+        # phases that may run while the cron phase waits for a minute boundary
+        flexible = [p for p in ("ledger", "profile", "whatif") if p in phases]
+        fillers = [todo[p] for p in flexible]
+        for name in phases:
+            if name == "cron":
+                await run_phase("cron", phase_cron(cfg, drm, fillers))
+            elif name in flexible:
+                if todo[name] in fillers:
+                    fillers.remove(todo[name])
+                    await todo[name]()
+            else:
+                await todo[name]()
+        for filler in fillers:
+            await filler()
+    finally:
+        await plain.close()
+        await drm.close()
+        await cleanup_namespace(namespace)
+    results["total_s"] = round(time.time() - started, 1)
+    results["targets"] = targets(results)
+    output = _write_results(results, Path(args.output))
+    sys.stdout.write(render_table(results) + "\n")
+    say(f"done in {results['total_s']} s; JSON: {output}")
+    return 1 if results["errors"] else 0
+
+
+def _write_results(results: dict[str, Any], output: Path) -> Path:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, default=str)
+    output.write_text(text + "\n", "utf-8")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (RESULTS_DIR / f"run-{stamp}.json").write_text(text + "\n", "utf-8")
+    (RESULTS_DIR / "latest.md").write_text(render_markdown(results), "utf-8")
+    return output
+
+
+def run() -> None:
+    raise SystemExit(asyncio.run(main()))
