@@ -151,7 +151,10 @@ class DrmBroker(ListQueueBroker):
                     await asyncio.wait_for(task, timeout=4)
             else:
                 task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._background:
+            _, pending = await asyncio.wait(self._background, timeout=5)
+            if pending:  # a library swallowed the cancellation: do not hang the shutdown
+                log.warning("background_tasks_not_stopped", tasks=[t.get_name() for t in pending])
         self._background = []
         await super().shutdown()
         for pool in (self.pool, self.plugin_pool):

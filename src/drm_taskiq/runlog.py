@@ -346,21 +346,26 @@ class RunLedger:
             log.info("ledger_entries_claimed", count=len(claimed))
         return len(claimed)
 
-    async def drain(self) -> int:
-        """Write everything now (shutdown, tests). Returns how many entries were written."""
+    async def drain(self, max_seconds: float = 3.0) -> int:
+        """Write what is pending now (shutdown, tests), for at most ``max_seconds``; what is
+        left stays in Redis for another worker. Returns how many entries were written."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max_seconds
         total = 0
-        while True:
+        while loop.time() < deadline:
             written = await self.flush_once()
             if not written:
-                return total
+                break
             total += written
+        return total
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush continuously until ``stop`` is set; back off while PostgreSQL or Redis is down."""
         failures = 0
         last_claim = 0.0
         loop = asyncio.get_running_loop()
-        while not stop.is_set():
+        task = asyncio.current_task()
+        while not stop.is_set() and not (task is not None and task.cancelling()):
             try:
                 if loop.time() - last_claim > self.claim_idle_ms / 2000:
                     last_claim = loop.time()

@@ -140,7 +140,9 @@ async def test_rows_survive_worker_sigkill_while_postgres_is_down(
     first.killpg()
     await wait_until(lambda: first.returncode is not None, timeout=10, what="worker0 to die")
     private_pg.start()
-    second = worker_procs.start(pg_settings)
+    # A long claim idle time keeps the second worker from claiming the dead worker's entries
+    # itself while the test runs (the claim is exercised explicitly below).
+    second = worker_procs.start(pg_settings, DRM_LEDGER_CLAIM_IDLE_MS=600_000)
     await wait_event(second, "plugin_loaded", plugin_id=PLUGIN_ID)
     # The entries nobody had read are written by the new worker at once...
     await wait_until(
@@ -150,8 +152,8 @@ async def test_rows_survive_worker_sigkill_while_postgres_is_down(
         what="rows of the unread entries",
     )
     # ...those the dead worker had read stay pending until RunLedger.claim_abandoned takes them:
-    # after claim_idle_ms (60 s, not configurable through Settings). Claim them here with a
-    # short idle time, as a worker would after that minute.
+    # after DRM_LEDGER_CLAIM_IDLE_MS. Claim them here with a short idle time, as a worker
+    # would after that time.
     await asyncio.sleep(1)
     assert (await pg_counts(pg_settings))["runs"] == 50 - held_by_dead
     assert await _pending_by_consumer(redis_client, keys) == {dead_consumer: held_by_dead}
