@@ -82,6 +82,7 @@ async def run_drain(
     say(f"{system.label}: drain {n} jobs, {workers} worker process(es), backlog {backlog}")
     group: ProcGroup = system.start_workers(queue, workers, tag)
     rows_before = await system.rows()
+    uniq = ""
     result: dict[str, Any] = {
         "system": system.name,
         "workers": workers,
@@ -90,7 +91,10 @@ async def run_drain(
     }
     try:
         await system.wait_ready(group, tag, workers)
-        await system.warmup(queue, group)
+        # Job ids are new in every run: a plugin_run_id derives from the job id (and its creation
+        # time), and a row whose id exists already would not be written again.
+        uniq = f"{time.time_ns() % 10**13:x}-"
+        await system.warmup(queue, group, id_prefix=f"w{uniq}")
         rows_before = await system.rows()
         pids = group.worker_pids()
         mem_empty = await system.used_memory()
@@ -98,10 +102,10 @@ async def run_drain(
         system.pause(pids)
         try:
             t_fill = time.monotonic()
-            await system.fill(queue, n, id_prefix="m")
+            await system.fill(queue, n, id_prefix=f"m{uniq}")
             await system.push_mark(queue, mark_key)
             if backlog:
-                await system.fill(queue, backlog, id_prefix="b", backlog=True)
+                await system.fill(queue, backlog, id_prefix=f"b{uniq}", backlog=True)
             fill_s = time.monotonic() - t_fill
             mem_full = await system.used_memory()
             probe = CpuProbe(lambda: redis_cpu_seconds(system.redis), group.pids)
@@ -163,11 +167,13 @@ async def run_drain(
         )
         if rows_before is not None and rows_after is not None:
             result["plugin_runs_rows"] = rows_after - rows_before
+            if not backlog and result["plugin_runs_rows"] != n + 1:
+                say(f"  warning: {result['plugin_runs_rows']} plugin_runs rows for {n + 1} jobs")
         say(
             f"  -> {result['rate']} jobs/s"
             + (f" (end points: {result['rates']})" if len(ends) > 1 else "")
         )
     finally:
         group.kill() if backlog else group.stop()
-        await system.clear(queue, {"m": n, "b": backlog, "w": 300})
+        await system.clear(queue, {f"m{uniq}": n, f"b{uniq}": backlog, f"w{uniq}": 300})
     return result

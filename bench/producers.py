@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 from bench.common import log_dir, percentile, say, wait_until
@@ -66,11 +67,13 @@ async def run_enqueue(
 async def run_latency(system: System, rate: float, duration: float) -> dict[str, Any]:
     say(f"{system.label}: latency at {rate:g} jobs/s for {duration:g} s, 1 worker process")
     queue = tag = "latency"
+    uniq = "w"
     key = f"{system.namespace}:lat"
     group = system.start_workers(queue, 1, tag)
     try:
         await system.wait_ready(group, tag, 1)
-        await system.warmup(queue, group)
+        uniq = f"w{time.time_ns() % 10**13:x}-"
+        await system.warmup(queue, group, id_prefix=uniq)
         await asyncio.sleep(0.5)
         produced = await run_client(
             system,
@@ -87,7 +90,7 @@ async def run_latency(system: System, rate: float, duration: float) -> dict[str,
         parts = [json.loads(x) for x in await system.redis.lrange(f"{key}:parts", 0, -1)]
     finally:
         group.stop()
-        await system.clear(queue, {"w": 300})
+        await system.clear(queue, {uniq: 300})
         await system.redis.delete(key, f"{key}:parts")
     result = {
         "rate": rate,

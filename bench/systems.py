@@ -127,10 +127,12 @@ class System:
         await wait_until(ready, within=90, what=f"{group.name} ready", procs=[group])
         await self.redis.delete(key)
 
-    async def warmup(self, queue: str, group: ProcGroup, count: int = 300) -> None:
+    async def warmup(
+        self, queue: str, group: ProcGroup, count: int = 300, id_prefix: str = "w"
+    ) -> None:
         """Run ``count`` jobs and a marker through the started workers, then wait until idle."""
         key = f"{self.namespace}:warm:{queue}"
-        await self.fill(queue, count, id_prefix="w")
+        await self.fill(queue, count, id_prefix=id_prefix)
         await self.push_mark(queue, key)
         await self.wait_mark(key, group, within=90)
         await self.wait_idle(queue, group)
