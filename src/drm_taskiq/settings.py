@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,7 +18,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from drm_taskiq.errors import SettingsError
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _ED25519_PUBLIC_KEY_BYTES = 32
 
 
@@ -189,8 +187,3 @@ def mask_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def is_valid_name(value: str) -> bool:
-    """Whether ``value`` is a valid key prefix or queue name."""
-    return bool(_NAME.match(value))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from importlib import resources
 from typing import Any
 
@@ -12,8 +13,6 @@ import structlog
 from drm_taskiq.settings import Settings, mask_url
 
 log = structlog.get_logger()
-
-Pool = asyncpg.Pool  # re-exported for type hints elsewhere
 
 _MIGRATIONS_LOCK = 0x64726D74  # "drmt": advisory lock serialising concurrent migrators
 
@@ -159,11 +158,5 @@ async def ensure_tenant(
             " DO UPDATE SET enabled = TRUE, config = EXCLUDED.config",
             tenant_id,
             plugin_id,
-            _json(config or {}),
+            json.dumps(config or {}),
         )
-
-
-def _json(value: Any) -> str:
-    import json  # noqa: PLC0415
-
-    return json.dumps(value)
