@@ -17,6 +17,7 @@ from drm_taskiq.jobs import JobScheduler
 from drm_taskiq.queue_broker import DrmBroker
 from drm_taskiq.settings import Settings, load_settings
 from tests.support.services import DATABASE_URL, REDIS_URL, require
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -144,13 +145,4 @@ async def wait_for(
     predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05
 ) -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy; fail on timeout."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
+    return await wait_until(predicate, timeout=timeout, interval=interval)

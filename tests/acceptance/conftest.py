@@ -8,7 +8,6 @@ group is killed with SIGKILL at teardown, whatever the test did.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -16,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from tests.plugins.accept import plugin as accept_plugin
+from tests.support.waiting import wait_until
 
 from drm_taskiq import store
 from drm_taskiq.jobs import JobScheduler
@@ -211,32 +211,6 @@ class Processes:
 
     def report(self) -> str:
         return "\n".join(proc.tail() for proc in self.procs)
-
-
-async def wait_until(
-    predicate: Callable[[], Any],
-    *,
-    timeout: float = 30.0,
-    interval: float = 0.05,
-    procs: list[Proc] | None = None,
-    what: str = "condition",
-) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; fail on timeout or if a process dies."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        for proc in procs or []:
-            if proc.returncode is not None:
-                raise AssertionError(
-                    f"{proc.name} exited with code {proc.returncode} while waiting for {what}"
-                )
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 async def wait_exit(proc: Proc, timeout: float) -> int:

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tests.outage.outage_plugin import PLUGIN_ID, PLUGIN_SPEC
 from tests.outage.outage_plugin import plugin as outage_plugin
 from tests.support.private_pg import PrivatePostgres
 from tests.support.services import PrivateRedis
+from tests.support.waiting import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TENANT = "acme"
@@ -325,32 +325,6 @@ def worker_procs(tmp_path: Path) -> Iterator[WorkerProcesses]:
         processes.close()
         if processes.procs:
             print(processes.report())
-
-
-async def wait_until(
-    predicate: Callable[[], Any],
-    *,
-    timeout: float = 30.0,
-    interval: float = 0.05,
-    procs: list[WorkerProcess] | None = None,
-    what: str = "condition",
-) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; fail on timeout or if a process dies."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        for proc in procs or []:
-            if proc.returncode is not None:
-                raise AssertionError(
-                    f"{proc.name} exited with {proc.returncode} while waiting for {what}"
-                )
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 async def wait_event(
