@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
@@ -36,6 +37,19 @@ class Delivery:
     stalled: int
     created_ms: int
     token: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueRequest:
+    """One job to add with :meth:`RedisQueue.enqueue_many`."""
+
+    job_id: str
+    message: bytes
+    priority: int = 0
+    delay_ms: int = 0
+    dedup_ttl_ms: int = 0
+    fields: dict[str, str] = field(default_factory=dict)
+    rate_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +157,31 @@ class RedisQueue:
         self.keys = QueueKeys(prefix, queue)
         self._scripts = _load_scripts(redis)
 
+    def _enqueue_call(self, request: EnqueueRequest, now: int) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        flat: list[str | bytes] = ["msg", request.message]
+        for key, value in request.fields.items():
+            flat.extend((key, value))
+        keys = [
+            k.job(request.job_id),
+            k.wait,
+            k.delayed,
+            k.fair,
+            k.marker,
+            k.dedup(request.job_id),
+            k.rate(request.fields.get("tenant", ""), now // 1000),
+        ]
+        args = [
+            request.job_id,
+            now,
+            request.delay_ms,
+            request.priority,
+            request.dedup_ttl_ms,
+            request.rate_limit,
+            *flat,
+        ]
+        return keys, args
+
     async def enqueue(
         self,
         job_id: str,
@@ -156,24 +195,26 @@ class RedisQueue:
     ) -> tuple[int, str]:
         """Add a job: ``(1, state)`` when added, ``(0, state)`` when a job with this id exists
         (nothing is changed), ``(-1, count)`` when the tenant is over ``rate_limit`` per second."""
-        k = self.keys
-        flat: list[str | bytes] = ["msg", message]
-        for key, value in fields.items():
-            flat.extend((key, value))
-        now = now_ms()
-        created, state = await self._scripts["enqueue"](
-            keys=[
-                k.job(job_id),
-                k.wait,
-                k.delayed,
-                k.fair,
-                k.marker,
-                k.dedup(job_id),
-                k.rate(fields.get("tenant", ""), now // 1000),
-            ],
-            args=[job_id, now, delay_ms, priority, dedup_ttl_ms, rate_limit, *flat],
+        request = EnqueueRequest(
+            job_id, message, priority, delay_ms, dedup_ttl_ms, fields, rate_limit
         )
+        keys, args = self._enqueue_call(request, now_ms())
+        created, state = await self._scripts["enqueue"](keys=keys, args=args)
         return int(created), _text(state)
+
+    async def enqueue_many(self, requests: Sequence[EnqueueRequest]) -> list[tuple[int, str]]:
+        """Add many jobs in one pipelined round trip (each one atomic, as :meth:`enqueue`);
+        returns one ``(created, state)`` per request, in order."""
+        if not requests:
+            return []
+        now = now_ms()
+        script = self._scripts["enqueue"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request in requests:
+                keys, args = self._enqueue_call(request, now)
+                await script(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        return [(int(created), _text(state)) for created, state in replies]
 
     async def take(
         self, token: str, count: int, lease_ms: int, tenant_limit: int = 0
