@@ -10,9 +10,10 @@
    schedulers are idle: their CPU use then is the cost of keeping S schedules loaded.
 4. After the slot: every job ``cron:<tenant>:bench:cN:<slot ms>`` found in the wait set is one
    firing. ``enqueued within`` is (latest job hash ``ts``) - slot, i.e. when the last of the S
-   jobs was enqueued; the duplicates check counts the jobs (one per schedule) and the
-   ``job_enqueued`` events of both schedulers for that slot (a second enqueue of a slot would
-   log a second ``job_enqueued``; an enqueue of an existing id logs ``job_duplicate_ignored``).
+   jobs was enqueued; the duplicates check counts the jobs (one per schedule) and the jobs
+   both schedulers report as created for that slot in their ``schedules_fired`` lines (a second
+   enqueue of a slot would be counted twice; an enqueue refused because the id exists is
+   counted as ``duplicates`` there: wasted work, not a duplicate job).
 No worker runs: only enqueueing is measured.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -161,24 +161,17 @@ async def run_cron(  # noqa: PLR0912
                 pipe.hget(keys.job(member.decode()), "ts")
             ts_values = [int(v) for v in await pipe.execute() if v is not None]
         late = sorted((v - slot_ms) / 1000 for v in ts_values)
-        per_job: Counter[str] = Counter()
-        enqueued_events = {p.name: 0 for p in procs}
-        duplicate_events = {p.name: 0 for p in procs}
-        fired_events = {p.name: 0 for p in procs}
-        tail = f":{slot_ms}"
+        created = {p.name: 0 for p in procs}
+        refused = {p.name: 0 for p in procs}
+        summaries = {p.name: 0 for p in procs}
+        slot_iso = datetime.fromtimestamp(slot, tz=UTC).isoformat()
         for proc in procs:
-            for event in proc.events():
-                event_job = str(event.get("job_id", ""))
-                if not event_job.endswith(tail):
+            for event in proc.events("schedules_fired"):
+                if event.get("slot") != slot_iso:
                     continue
-                name = event.get("event")
-                if name == "job_enqueued":
-                    enqueued_events[proc.name] += 1
-                    per_job[event_job] += 1
-                elif name == "job_duplicate_ignored":
-                    duplicate_events[proc.name] += 1
-                elif name == "schedule_fired":
-                    fired_events[proc.name] += 1
+                summaries[proc.name] += 1
+                created[proc.name] += int(event.get("count", 0))
+                refused[proc.name] += int(event.get("duplicates", 0))
         burst_s = max(late[-1], 1e-3) if late else None
         result.update(
             slot=datetime.fromtimestamp(slot, tz=UTC).isoformat(),
@@ -188,11 +181,11 @@ async def run_cron(  # noqa: PLR0912
             enqueued_within_s=round(late[-1], 3) if late else None,
             first_enqueued_s=round(late[0], 3) if late else None,
             p50_enqueued_s=round(percentile(late, 50), 3) if late else None,
-            job_enqueued_events=enqueued_events,
-            duplicate_ignored_events=duplicate_events,
-            schedule_fired_events=fired_events,
-            # a job id enqueued more than once (by either scheduler)
-            duplicates=sum(count - 1 for count in per_job.values()),
+            created_per_scheduler=created,
+            refused_duplicates_per_scheduler=refused,
+            schedules_fired_lines=summaries,
+            # jobs created more than once for one id (by either scheduler)
+            duplicates=sum(created.values()) - len(set(ids)),
             burst_cpu_s_per_scheduler=[round(b - a, 2) for a, b in zip(cpu1, cpu3, strict=True)],
             scheduler_cpu_us_per_schedule=(
                 round(sum(b - a for a, b in zip(cpu1, cpu3, strict=True)) / 2 / schedules * 1e6)
@@ -204,7 +197,8 @@ async def run_cron(  # noqa: PLR0912
         )
         say(
             f"  -> {result['jobs']}/{schedules} enqueued, last {result['enqueued_within_s']} s"
-            f" after the slot, duplicates {result['duplicates']},"
+            f" after the slot, duplicates {result['duplicates']}, created per scheduler"
+            f" {list(created.values())}, refused {list(refused.values())},"
             f" idle CPU {result['idle_cpu_pct_per_scheduler']} %"
         )
     finally:
