@@ -17,8 +17,8 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import structlog
@@ -44,13 +44,16 @@ from drm_taskiq.options import (
     label_int,
 )
 from drm_taskiq.process import stop_taskiq_supervisor
-from drm_taskiq.redis_queue import Delivery, RedisQueue, now_ms
+from drm_taskiq.redis_queue import Delivery, RedisQueue, Settlement, now_ms
 from drm_taskiq.results import JobResultBackend
 from drm_taskiq.runlog import RunLedger
 from drm_taskiq.settings import Settings, mask_url
 
 log = structlog.get_logger()
+T = TypeVar("T")
+R = TypeVar("R")
 
+ACK_BATCH = 200  # settlements sent in one finish.lua call at most
 CIRCUIT_OPENED = 2  # finish.lua's answer when a failure paused the tenant's plugin
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -91,6 +94,7 @@ class DrmBroker(ListQueueBroker):
         self._started_up = False
         self._take_counter = 0
         self._pruned_at = float("-inf")
+        self._acks: Batcher[Settlement, int] = Batcher(self._finish_batch, max_size=ACK_BATCH)
         self.duplicates: set[str] = set()  # ids kicked this instant that already existed
 
     # ----------------------------------------------------------------- life cycle
@@ -345,23 +349,28 @@ class DrmBroker(ListQueueBroker):
     async def _finish_with_retry(self, delivery: Delivery, pending: PendingOutcome) -> int:
         started = time.monotonic()
         attempt = 0
+        settlement = Settlement(
+            delivery,
+            pending.outcome,
+            pending.value,
+            pending.due_ms,
+            pending.extra,
+            self._started.get(delivery.job_id),
+        )
         while True:
             try:
-                return await self.queue.finish(
-                    delivery,
-                    pending.outcome,
-                    value=pending.value,
-                    due_ms=pending.due_ms,
-                    extra=pending.extra,
-                    started_ms=self._started.get(delivery.job_id),
-                    breaker_threshold=self.settings.breaker_threshold,
-                )
+                return await self._acks.submit(settlement)
             except _TRANSIENT as exc:
                 attempt += 1
                 if time.monotonic() - started > self.settings.redis_outage_limit_s:
                     log.error("job_ack_failed", job_id=delivery.job_id, error=repr(exc))
                     return 0
                 await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+
+    async def _finish_batch(self, batch: list[Settlement]) -> list[int]:
+        return await self.queue.finish_many(
+            batch, breaker_threshold=self.settings.breaker_threshold
+        )
 
     def _release(self, job_id: str) -> None:
         self._held.pop(job_id, None)
@@ -475,6 +484,50 @@ class DrmBroker(ListQueueBroker):
             if task is not None and not task.done():
                 log.warning("job_interrupted", job_id=job_id)
                 task.cancel()
+
+
+class Batcher(Generic[T, R]):
+    """Coalesces concurrent calls into batches: the first call starts a flush on the next turn
+    of the event loop; calls made meanwhile (and while a batch is in flight) join the next
+    batch. Under load, one round trip serves many callers; alone, a call waits for no timer."""
+
+    def __init__(
+        self, send: Callable[[list[T]], Awaitable[list[R]]], *, max_size: int = 200
+    ) -> None:
+        self._send = send
+        self._max = max_size
+        self._items: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        """Send ``item`` with the next batch; returns its answer, or raises the batch's error."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._items.append((item, future))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._items:
+                batch, self._items = self._items[: self._max], self._items[self._max :]
+                try:
+                    answers = await self._send([item for item, _ in batch])
+                except asyncio.CancelledError:
+                    for _, future in batch + self._items:
+                        future.cancel()
+                    self._items = []
+                    raise
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), answer in zip(batch, answers, strict=True):
+                    if not future.done():
+                        future.set_result(answer)
+        finally:
+            self._flusher = None
 
 
 def _raise_if_cancelled() -> None:

@@ -53,6 +53,18 @@ class EnqueueRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Settlement:
+    """The outcome of one attempt, for :meth:`RedisQueue.finish_many`."""
+
+    delivery: Delivery
+    outcome: Outcome
+    value: str = ""
+    due_ms: int = 0
+    extra: dict[str, Any] | None = None
+    started_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StalledJob:
     """A job found with an expired lease: ``requeued`` to waiting, or ``failed`` (too many)."""
 
@@ -253,33 +265,45 @@ class RedisQueue:
     ) -> int:
         """Settle one attempt atomically (state, ledger entry, ack): 1 when settled, 2 when this
         failure also paused the tenant's plugin (circuit breaker), 0 if the lease was lost."""
+        request = Settlement(delivery, outcome, value, due_ms, extra, started_ms)
+        (answer,) = await self.finish_many([request], breaker_threshold=breaker_threshold)
+        return answer
+
+    async def finish_many(
+        self, settlements: Sequence[Settlement], *, breaker_threshold: int = 0
+    ) -> list[int]:
+        """Settle many attempts in one script call, each as :meth:`finish` would; returns one
+        answer per settlement, in order."""
+        if not settlements:
+            return []
         k = self.keys
-        settled = await self._scripts["finish"](
-            keys=[
-                k.job(delivery.job_id),
-                k.active,
-                k.wait,
-                k.delayed,
-                k.ledger,
-                k.marker,
-                k.dead,
-                k.breaker,
-                k.paused,
-                k.running,
-            ],
-            args=[
-                delivery.job_id,
-                delivery.token,
-                outcome,
-                now_ms(),
-                value,
-                due_ms,
-                json.dumps(extra or {}),
-                "" if started_ms is None else started_ms,
-                breaker_threshold,
-            ],
-        )
-        return int(settled)
+        keys = [
+            k.active,
+            k.wait,
+            k.delayed,
+            k.ledger,
+            k.marker,
+            k.dead,
+            k.breaker,
+            k.paused,
+            k.running,
+        ]
+        args: list[Any] = [now_ms(), breaker_threshold]
+        for s in settlements:
+            keys.append(k.job(s.delivery.job_id))
+            args.extend(
+                (
+                    s.delivery.job_id,
+                    s.delivery.token,
+                    s.outcome,
+                    s.value,
+                    s.due_ms,
+                    json.dumps(s.extra) if s.extra else "{}",
+                    "" if s.started_ms is None else s.started_ms,
+                )
+            )
+        answers = await self._scripts["finish"](keys=keys, args=args)
+        return [int(answer) for answer in answers]
 
     async def extend(self, leases: list[tuple[str, str]], lease_ms: int) -> list[str]:
         """Renew leases given as (job id, token); returns the ids whose lease was lost."""

@@ -260,12 +260,14 @@ class RunLedger:
                 raise
         self._group_ready = True
 
-    async def _read(self, start: str, block: int | None) -> list[tuple[str, str]]:
+    async def _read(
+        self, start: str, block: int | None, count: int | None = None
+    ) -> list[tuple[str, str]]:
         reply = await self.queue.redis.xreadgroup(
             LEDGER_GROUP,
             self.consumer,
             {self.queue.keys.ledger: start},
-            count=self.batch,
+            count=count or self.batch,
             block=block,
         )
         out: list[tuple[str, str]] = []
@@ -278,12 +280,31 @@ class RunLedger:
                 out.append((eid, text))
         return out
 
+    async def _linger(self, have: int) -> list[tuple[str, str]]:
+        """While entries keep arriving, collect more of them (up to a full batch, for at most
+        ``block_ms``) so that a busy queue is written in large transactions: one per job
+        costs the worker and PostgreSQL several times more per row. Stops as soon as a short
+        pause brings nothing new, so a lone entry is not held back."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.block_ms / 1000
+        step = min(max(self.block_ms / 20_000, 0.002), 0.02)
+        more: list[tuple[str, str]] = []
+        while have + len(more) < self.batch and loop.time() < deadline:
+            await asyncio.sleep(step)
+            got = await self._read(">", None, count=self.batch - have - len(more))
+            if not got:
+                break
+            more += got
+        return more
+
     async def flush_once(self, *, block: bool = False) -> int:
         """Write one batch: this consumer's unacknowledged entries first, then new ones."""
         await self.ensure_group()
         items = await self._read("0", None)
         if not items:
             items = await self._read(">", self.block_ms if block else None)
+            if block and items:
+                items += await self._linger(len(items))
         if not items:
             return 0
         entries: list[LedgerEntry] = []

@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 
 from drm_taskiq import JobScheduler
-from drm_taskiq.redis_queue import StalledJob, now_ms
+from drm_taskiq.queue_broker import Batcher
+from drm_taskiq.redis_queue import Delivery, Settlement, StalledJob, now_ms
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -312,3 +313,60 @@ async def test_worker_concurrency_bounds_running_jobs(
     await start_worker(setup, worker_concurrency=3)
     await wait_for(lambda: db.fetchval("SELECT count(*) = 12 FROM jobs"), timeout=30)
     assert peak == 3
+
+
+async def test_many_attempts_settle_in_one_call_each_on_its_own(
+    client: JobScheduler, tenant: str
+) -> None:
+    """finish_many settles a mix of outcomes in one script call; a job whose lease was lost
+    in the same call is refused alone, and each settled attempt gets one ledger entry."""
+
+    async def work(ctx: Any, job: Any) -> None:
+        return None
+
+    await client.register_job("testp", "w", work)
+    ids = [await client.add_job("testp", "w", i, tenant_id=tenant) for i in range(4)]
+    queue = client.broker.queue
+    deliveries, _ = await queue.take("w:1", 4, lease_ms=30_000)
+    assert sorted(d.job_id for d in deliveries) == sorted(ids)
+    by_id = {d.job_id: d for d in deliveries}
+    lost = Delivery(**{**_fields(by_id[ids[3]]), "token": "someone-else"})
+    entries_before = await client.broker.redis.xlen(queue.keys.ledger)
+    answers = await queue.finish_many(
+        [
+            Settlement(by_id[ids[0]], "completed", value="7"),
+            Settlement(by_id[ids[1]], "retry", value="boom", due_ms=now_ms() + 60_000),
+            Settlement(by_id[ids[2]], "failed", value="bad"),
+            Settlement(lost, "completed", value="1"),
+        ]
+    )
+    assert answers == [1, 1, 1, 0]
+    states = [(await queue.job(job_id) or {}).get("state") for job_id in ids]
+    assert states == ["completed", "delayed", "failed", "active"]
+    assert await client.broker.redis.xlen(queue.keys.ledger) - entries_before == 3
+    assert await queue.counts() == {"waiting": 0, "delayed": 1, "active": 1}
+
+
+async def test_batcher_coalesces_concurrent_calls_and_spreads_errors() -> None:
+    """Calls made together share one send; a failed send fails exactly its own callers."""
+    sent: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int]:
+        sent.append(items)
+        await asyncio.sleep(0.01)
+        if 13 in items:
+            raise ConnectionError("down")
+        return [item * 2 for item in items]
+
+    batcher: Batcher[int, int] = Batcher(send, max_size=3)
+    answers = await asyncio.gather(*(batcher.submit(i) for i in range(7)))
+    assert answers == [i * 2 for i in range(7)]
+    assert sent == [[0, 1, 2], [3, 4, 5], [6]]
+    results = await asyncio.gather(batcher.submit(13), batcher.submit(1), return_exceptions=True)
+    assert isinstance(results[0], ConnectionError)
+    assert isinstance(results[1], ConnectionError)
+    assert await batcher.submit(5) == 10
+
+
+def _fields(delivery: Delivery) -> dict[str, Any]:
+    return {name: getattr(delivery, name) for name in Delivery.__slots__}
