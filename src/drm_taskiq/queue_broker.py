@@ -54,6 +54,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 ACK_BATCH = 200  # settlements sent in one finish.lua call at most
+ACK_LINGER_S = 0.002  # how long a settlement may wait for the rest of its batch
 CIRCUIT_OPENED = 2  # finish.lua's answer when a failure paused the tenant's plugin
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -94,7 +95,12 @@ class DrmBroker(ListQueueBroker):
         self._started_up = False
         self._take_counter = 0
         self._pruned_at = float("-inf")
-        self._acks: Batcher[Settlement, int] = Batcher(self._finish_batch, max_size=ACK_BATCH)
+        self._acks: Batcher[Settlement, int] = Batcher(
+            self._finish_batch,
+            max_size=ACK_BATCH,
+            linger_s=ACK_LINGER_S,
+            pending=self._settling,
+        )
         self.duplicates: set[str] = set()  # ids kicked this instant that already existed
 
     # ----------------------------------------------------------------- life cycle
@@ -372,6 +378,11 @@ class DrmBroker(ListQueueBroker):
             batch, breaker_threshold=self.settings.breaker_threshold
         )
 
+    def _settling(self) -> int:
+        """Jobs leased by this worker and not yet acknowledged: acknowledgements that may still
+        join the batch being gathered."""
+        return len(self._held)
+
     def _release(self, job_id: str) -> None:
         self._held.pop(job_id, None)
         self._started.pop(job_id, None)
@@ -487,17 +498,29 @@ class DrmBroker(ListQueueBroker):
 
 
 class Batcher(Generic[T, R]):
-    """Coalesces concurrent calls into batches: the first call starts a flush on the next turn
-    of the event loop; calls made meanwhile (and while a batch is in flight) join the next
-    batch. Under load, one round trip serves many callers; alone, a call waits for no timer."""
+    """Coalesces concurrent calls into batches, so that one round trip serves many callers.
+
+    The first call of a batch starts a flush; the flush waits, at most ``linger_s``, while
+    ``pending()`` says more calls may still join (for acknowledgements: jobs leased by this
+    worker whose handlers are still running), then sends up to ``max_size`` items at once.
+    Calls made while a batch is in flight join the next one. A lone call is sent at once.
+    """
 
     def __init__(
-        self, send: Callable[[list[T]], Awaitable[list[R]]], *, max_size: int = 200
+        self,
+        send: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        max_size: int = 200,
+        linger_s: float = 0.0,
+        pending: Callable[[], int] | None = None,
     ) -> None:
         self._send = send
         self._max = max_size
+        self._linger = linger_s
+        self._pending = pending
         self._items: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
 
     async def submit(self, item: T) -> R:
         """Send ``item`` with the next batch; returns its answer, or raises the batch's error."""
@@ -505,11 +528,36 @@ class Batcher(Generic[T, R]):
         self._items.append((item, future))
         if self._flusher is None:
             self._flusher = asyncio.ensure_future(self._flush())
+        elif self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
         return await future
+
+    def _may_grow(self) -> bool:
+        return (
+            self._pending is not None
+            and len(self._items) < self._max
+            and self._pending() > len(self._items)
+        )
+
+    async def _gather(self) -> None:
+        """Wait until the batch is complete (see the class), or the linger time is over."""
+        if self._linger <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._linger
+        while self._may_grow() and loop.time() < deadline:
+            self._wake = loop.create_future()
+            timer = loop.call_later(deadline - loop.time(), _resolve, self._wake)
+            try:
+                await self._wake
+            finally:
+                timer.cancel()
+                self._wake = None
 
     async def _flush(self) -> None:
         try:
             while self._items:
+                await self._gather()
                 batch, self._items = self._items[: self._max], self._items[self._max :]
                 try:
                     answers = await self._send([item for item, _ in batch])
@@ -528,6 +576,11 @@ class Batcher(Generic[T, R]):
                         future.set_result(answer)
         finally:
             self._flusher = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _raise_if_cancelled() -> None:

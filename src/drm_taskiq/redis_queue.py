@@ -288,20 +288,19 @@ class RedisQueue:
             k.paused,
             k.running,
         ]
-        args: list[Any] = [now_ms(), breaker_threshold]
-        for s in settlements:
-            keys.append(k.job(s.delivery.job_id))
-            args.extend(
-                (
-                    s.delivery.job_id,
-                    s.delivery.token,
-                    s.outcome,
-                    s.value,
-                    s.due_ms,
-                    json.dumps(s.extra) if s.extra else "{}",
-                    "" if s.started_ms is None else s.started_ms,
-                )
-            )
+        jobs = [
+            [
+                s.delivery.job_id,
+                s.delivery.token,
+                s.outcome,
+                s.value,
+                str(s.due_ms),
+                json.dumps(s.extra) if s.extra else "{}",
+                "" if s.started_ms is None else str(s.started_ms),
+            ]
+            for s in settlements
+        ]
+        args: list[str | int] = [now_ms(), breaker_threshold, k.job_prefix, json.dumps(jobs)]
         answers = await self._scripts["finish"](keys=keys, args=args)
         return [int(answer) for answer in answers]
 

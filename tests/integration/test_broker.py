@@ -370,3 +370,27 @@ async def test_batcher_coalesces_concurrent_calls_and_spreads_errors() -> None:
 
 def _fields(delivery: Delivery) -> dict[str, Any]:
     return {name: getattr(delivery, name) for name in Delivery.__slots__}
+
+
+async def test_batcher_waits_for_the_calls_still_expected_and_no_longer() -> None:
+    """With ``pending``, a batch waits for the calls still expected (not for the linger time),
+    and a lone call is sent at once."""
+    sent: list[list[str]] = []
+    expected = 3
+
+    async def send(items: list[str]) -> list[str]:
+        sent.append(items)
+        return items
+
+    batcher: Batcher[str, str] = Batcher(send, linger_s=30.0, pending=lambda: expected)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0.05)
+    assert not first.done()
+    assert await asyncio.gather(first, batcher.submit("b"), batcher.submit("c")) == ["a", "b", "c"]
+    assert sent == [["a", "b", "c"]]
+    expected = 1
+    assert await batcher.submit("d") == "d"
+    assert sent[-1] == ["d"]
+    assert loop.time() - started < 10, "a complete batch must not wait for the linger time"

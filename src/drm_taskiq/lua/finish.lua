@@ -2,16 +2,17 @@
 -- active) may settle a job; each job is settled independently of the others in the call.
 -- KEYS: 1 active, 2 wait, 3 delayed, 4 ledger stream, 5 marker, 6 dead list,
 --       7 circuit-breaker failure counts (hash), 8 paused (tenant:plugin set),
---       9 jobs running per tenant (hash), 10.. the job hashes, one per job, in ARGV's order
+--       9 jobs running per tenant (hash)
 -- ARGV: 1 now (ms), 2 consecutive failed attempts that pause a (tenant, plugin) (0 = never),
---       then 7 per job: id, token, outcome (completed|retry|failed|requeue|dead),
---       value (returnvalue JSON for completed, reason otherwise), due (ms, retry only),
---       extra metadata JSON (merged into the ledger entry), start time of the attempt (ms or '')
+--       3 job key prefix (job hashes share the queue's hash tag),
+--       4 a JSON array with one array of strings per job: id, token,
+--       outcome (completed|retry|failed|requeue|dead), value (returnvalue JSON for completed,
+--       reason otherwise), due (ms, retry only), extra metadata JSON (merged into the ledger
+--       entry), start time of the attempt (ms or '')
 -- Returns one answer per job: 1 when settled, 2 when settled and this failure paused the
 -- tenant's plugin (circuit breaker), 0 when the lease was lost.
 local now = tonumber(ARGV[1])
 local threshold = tonumber(ARGV[2])
-local PER = 7
 local answers = {}
 local freed = false
 local retried = false
@@ -74,11 +75,9 @@ local function settle(jk, id, token, outcome, value, due, extra, started)
   return 1
 end
 
-local jobs = (#ARGV - 2) / PER
-for j = 0, jobs - 1 do
-  local a = 2 + j * PER
-  answers[#answers + 1] = settle(KEYS[10 + j], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
-    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
+for _, job in ipairs(cjson.decode(ARGV[4])) do
+  answers[#answers + 1] = settle(ARGV[3] .. job[1], job[1], job[2], job[3], job[4], job[5],
+    job[6], job[7])
 end
 if retried then
   redis.call('LPUSH', KEYS[5], '0')
