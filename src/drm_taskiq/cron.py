@@ -62,6 +62,7 @@ log = structlog.get_logger()
 
 MissedPolicy = Literal["latest", "skip"]
 ON_TIME_S = 5.0  # a slot fired later than this after its time counts as missed
+ON_TIME_MS = int(ON_TIME_S * 1000)
 CRON_DEDUP_TTL_S = 3600
 CHUNK_SIZE = 500  # schedules per chunk: one claim, one read, one enqueue pipeline
 CHUNKS_IN_FLIGHT = 4  # chunks of one tick processed at once
@@ -174,7 +175,10 @@ def slots_to_fire_ms(slots: list[int], now_ms: int, missed: MissedPolicy) -> lis
     """:func:`slots_to_fire` on epoch milliseconds."""
     if not slots:
         return []
-    on_time = [s for s in slots if now_ms - s <= ON_TIME_S * 1000]
+    oldest_on_time = now_ms - ON_TIME_MS
+    if len(slots) == 1 and slots[0] >= oldest_on_time:
+        return slots
+    on_time = [s for s in slots if s >= oldest_on_time]
     if on_time:
         return on_time
     return slots[-1:] if missed == "latest" else []
@@ -267,7 +271,8 @@ class CronEngine:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.schedules: dict[str, CronSchedule] = {}
         self._next: dict[str, int] = {}  # schedule id -> when to look at it next (ms)
-        self._heap: list[tuple[int, str]] = []  # (_next, id); stale entries are skipped
+        self._heap: list[int] = []  # the times in _at, as a heap
+        self._at: dict[int, list[str]] = {}  # time -> ids to look at then (stale ones skipped)
         self._fresh: set[str] = set()  # new or changed: look at it in the next tick
         self._retrying: set[str] = set()  # _next is a retry time, not a slot
         self._claim_of: dict[str, str] = {}  # id -> the claim key it waits on
@@ -366,7 +371,12 @@ class CronEngine:
     # -------------------------------------------------------------------------- ticking
     def _set_next(self, schedule_id: str, when_ms: int, *, retry: bool = False) -> None:
         self._next[schedule_id] = when_ms
-        heapq.heappush(self._heap, (when_ms, schedule_id))
+        bucket = self._at.get(when_ms)
+        if bucket is None:
+            self._at[when_ms] = [schedule_id]
+            heapq.heappush(self._heap, when_ms)
+        else:
+            bucket.append(schedule_id)
         self._unscheduled.discard(schedule_id)
         if retry:
             self._retrying.add(schedule_id)
@@ -382,13 +392,14 @@ class CronEngine:
         ]
         self._fresh.clear()
         seen = {sid for sid, _ in due}
-        heap = self._heap
-        while heap and heap[0][0] <= now_ms:
-            when, sid = heapq.heappop(heap)
-            if sid in seen or self._next.get(sid) != when or sid not in self.schedules:
-                continue  # a stale entry (the schedule was rescheduled or removed)
-            seen.add(sid)
-            due.append((sid, None if sid in self._retrying else when))
+        heap, nexts, retrying, schedules = self._heap, self._next, self._retrying, self.schedules
+        while heap and heap[0] <= now_ms:
+            when = heapq.heappop(heap)
+            for sid in self._at.pop(when):
+                if sid in seen or nexts.get(sid) != when or sid not in schedules:
+                    continue  # a stale entry (the schedule was rescheduled or removed)
+                seen.add(sid)
+                due.append((sid, None if sid in retrying else when))
         return due
 
     async def tick(self, now: datetime | None = None) -> int:
@@ -534,6 +545,16 @@ class CronEngine:
                 plans.append(_Plan(schedule, slots[-1], nxt, fire))
         await self._hold_overlapping(plans, now_ms)
         await self._enqueue(plans, now_ms, tally)
+        if claim is None:  # new schedules: build their messages now, not when the slot comes
+            await self._prepare(members)
+
+    async def _prepare(self, members: list[CronSchedule]) -> None:
+        for schedule in members:
+            if schedule.schedule_id not in self._templates:
+                try:
+                    await self._template(schedule)
+                except Exception:  # noqa: S112 - reported when the schedule fires
+                    continue
 
     def _schedule_failed(self, schedule: CronSchedule, exc: Exception, now_ms: int) -> None:
         log.error(
@@ -574,20 +595,20 @@ class CronEngine:
         requests = [request for plan in ready for request in plan.requests]
         replies = await self.broker.queue.enqueue_many(requests) if requests else []
         done_ms = int(time.time() * 1000)
-        advance: list[str | int] = []
-        lastjob: dict[str, str] = {}
+        # (slot to advance cron:last to, slot of the last job fired) -> schedule ids
+        records: dict[tuple[int | str, int | str], list[str]] = {}
         outcomes = iter(replies)
         post_send = self._foreign("post_send")
         for plan in ready:
             sid = plan.schedule.schedule_id
             failed = False
+            fired: int | str = ""
             for request, (created, _state) in zip(plan.requests, outcomes, strict=False):
                 if created == -1:
                     failed = True
                     continue
-                lastjob[sid] = request.job_id
-                slot = int(request.job_id.rsplit(":", 1)[1])
-                tally.count(created, slot, done_ms)
+                fired = int(request.job_id.rsplit(":", 1)[1])
+                tally.count(created, fired, done_ms)
                 if post_send and created:
                     await self._post_send(post_send, plan.schedule, request)
             if failed:  # not marked fired: a later tick tries these slots again
@@ -599,15 +620,15 @@ class CronEngine:
                 )
             if failed or plan.held:
                 self._set_next(sid, now_ms + RETRY_MS, retry=True)
+                if fired != "":
+                    records.setdefault(("", fired), []).append(sid)
             else:
-                advance.extend((sid, plan.newest_ms))
-        if advance or lastjob:
-            async with self.broker.redis.pipeline(transaction=False) as pipe:
-                if advance:
-                    await self._advance_script(keys=[self.last_key], args=advance, client=pipe)
-                if lastjob:
-                    pipe.hset(self.lastjob_key, mapping=lastjob)  # type: ignore[arg-type]
-                await pipe.execute()
+                records.setdefault((plan.newest_ms, fired), []).append(sid)
+        if records:
+            args: list[int | str] = []
+            for (advance, fired), ids in records.items():
+                args.extend((advance, fired, len(ids), *ids))
+            await self._advance_script(keys=[self.last_key, self.lastjob_key], args=args)
         for plan in ready:
             if plan.schedule.schedule_id in self._unscheduled:
                 self._set_next(plan.schedule.schedule_id, plan.next_ms)
@@ -619,9 +640,14 @@ class CronEngine:
         for plan in plans:
             try:
                 template = await self._template(plan.schedule)
-                plan.requests = [
-                    await self._request(plan.schedule, template, slot) for slot in plan.fire
-                ]
+                if template.head is not None:
+                    plan.requests = [
+                        self._spliced(plan.schedule, template, slot) for slot in plan.fire
+                    ]
+                else:
+                    plan.requests = [
+                        await self._request(plan.schedule, template, slot) for slot in plan.fire
+                    ]
             except Exception as exc:
                 log.error(
                     "schedule_fire_failed",
@@ -678,15 +704,25 @@ class CronEngine:
         self._templates[schedule.schedule_id] = template
         return template
 
+    def _spliced(self, schedule: CronSchedule, template: _Template, slot_ms: int) -> EnqueueRequest:
+        """The firing's job: the template's bytes with the job id put in."""
+        assert template.head is not None
+        job_id = check_job_id(f"cron:{schedule.schedule_id}:{slot_ms}")
+        message = b"".join((template.head, b'"', job_id.encode(), b'"', template.tail))
+        return self._enqueue_request(template, job_id, message)
+
     async def _request(
         self, schedule: CronSchedule, template: _Template, slot_ms: int
     ) -> EnqueueRequest:
-        job_id = check_job_id(f"cron:{schedule.schedule_id}:{slot_ms}")
+        """The firing's job (serialized per firing when the template cannot be spliced)."""
         if template.head is not None:
-            message = b"".join((template.head, b'"', job_id.encode(), b'"', template.tail))
-        else:  # another middleware changes messages, or the formatter is not JSON
-            sent = await self._dumps(template, job_id)
-            message = sent.message
+            return self._spliced(schedule, template, slot_ms)
+        job_id = check_job_id(f"cron:{schedule.schedule_id}:{slot_ms}")
+        sent = await self._dumps(template, job_id)  # another middleware changes messages
+        return self._enqueue_request(template, job_id, sent.message)
+
+    @staticmethod
+    def _enqueue_request(template: _Template, job_id: str, message: bytes) -> EnqueueRequest:
         return EnqueueRequest(
             job_id,
             message,
@@ -764,13 +800,14 @@ class CronEngine:
 
 
 async def _fingerprint(pool: asyncpg.Pool) -> tuple[Any, ...]:
-    """A cheap summary of the enabled schedules: it changes when a row is added, removed,
-    updated (``updated_at``, or its content), or its plugin is enabled or disabled."""
+    """A cheap summary of the enabled schedules (one row; a few ms for 10,000 schedules, a
+    fraction of reading them): it changes when a row is added or removed, when its plugin is
+    enabled or disabled for the tenant, when ``register_job`` updates it (``updated_at``), and
+    when its cron or zone is edited by hand."""
     row = await pool.fetchrow(
-        "SELECT count(*), max(s.updated_at), coalesce(sum(hashtext(concat_ws(' ', s.schedule_id,"
-        " s.cron, s.tz, s.options::text, s.data::text, s.updated_at::text))), 0)"
-        " FROM schedules s JOIN tenant_plugins tp ON tp.tenant_id = s.tenant_id"
-        " AND tp.plugin_id = s.plugin_id AND tp.enabled"
+        "SELECT count(*), max(s.updated_at), coalesce(sum(hashtext(s.schedule_id || ' ' || s.cron"
+        " || ' ' || s.tz)), 0) FROM schedules s JOIN tenant_plugins tp"
+        " ON tp.tenant_id = s.tenant_id AND tp.plugin_id = s.plugin_id AND tp.enabled"
     )
     return tuple(row) if row is not None else ()
 
