@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,7 @@ class JobScheduler:
         self.loaded_plugins: dict[str, Plugin] = {}
         self.plugin_load_errors: list[str] = []
         self._configs: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+        self._contexts: dict[tuple[str, str], PluginContext] = {}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -122,6 +123,17 @@ class JobScheduler:
     async def close(self) -> None:
         """Close every connection."""
         await self.broker.shutdown()
+
+    def job_context(self, plugin_id: str, tenant_id: str, config: dict[str, Any]) -> PluginContext:
+        """A fresh context for one job run; the parts that only depend on (plugin, tenant)
+        (database handle, tenant scheduler, logger) are built once and reused."""
+        base = self._contexts.get((plugin_id, tenant_id))
+        if base is None:
+            base = create_plugin_context(plugin_id, tenant_id, scheduler=self)
+            if len(self._contexts) > 10_000:
+                self._contexts.clear()
+            self._contexts[(plugin_id, tenant_id)] = base
+        return replace(base, config=config)
 
     def for_tenant(self, tenant_id: str) -> TenantScheduler:
         """This scheduler, bound to one tenant."""
@@ -373,8 +385,10 @@ class JobScheduler:
                     f"refused: tenant {tenant_id!r} does not exist or does not have plugin"
                     f" {plugin_id!r} enabled"
                 )
-            ctx = create_plugin_context(plugin_id, tenant_id, scheduler=scheduler, config=config)
-            ctx.logger = ctx.logger.bind(job_id=job_id, attempt=job.attempts_made + 1)
+            ctx = scheduler.job_context(plugin_id, tenant_id, config)
+            ctx.logger = ctx.logger.bind(
+                job_id=job_id, task=context.message.task_name, attempt=job.attempts_made + 1
+            )
             return await definition.handler(ctx, job)
 
         run_plugin_job.__name__ = f"plugin_{plugin_id}_{job_name}".replace("-", "_").replace(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import signal
 import socket
@@ -145,6 +146,11 @@ class DrmBroker(ListQueueBroker):
                 queue=self.settings.queue,
             )
         await super().startup()
+        if self.is_worker_process and self.own_process:
+            # What exists now (modules, plugins, pools) lives as long as the process: keep it
+            # out of the collector's full passes, which would otherwise pause running jobs.
+            gc.collect()
+            gc.freeze()
 
     async def shutdown(self) -> None:
         """Give back jobs not started, flush the run ledger, close connections."""

@@ -162,51 +162,63 @@ def _json_or_text(value: str) -> Any:
         return value
 
 
+YIELD_EVERY = 32  # entries prepared between two turns of the event loop (keeps jobs starting)
+
+
 async def write_entries(
     conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy,
     queue_name: str,
     entries: list[LedgerEntry],
 ) -> None:
-    """Write ledger entries in one transaction; entries already written change nothing."""
-    runs = [e for e in entries if e.plugin_id and e.tenant_id]
-    finals = [e for e in runs if e.final]
+    """Write ledger entries in one transaction; entries already written change nothing.
+
+    The rows are prepared in slices, letting the event loop run between them: the ledger
+    shares its process with running jobs, and a large batch must not hold them up."""
+    runs: list[tuple[Any, ...]] = []
+    finals: list[tuple[Any, ...]] = []
+    for index, e in enumerate(entries):
+        if index and index % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+        if not (e.plugin_id and e.tenant_id):
+            continue
+        runs.append(
+            (
+                run_id(e.job_id, e.attempt, e.generation, e.created_ms),
+                e.plugin_id,
+                e.tenant_id,
+                f"job:{e.job_name}",
+                e.status,
+                e.metadata().to_json(),
+                None if e.status == "success" else e.value,
+                e.started or e.at,
+            )
+        )
+        if e.final:
+            finals.append(
+                (
+                    e.job_id,
+                    e.plugin_id,
+                    e.tenant_id,
+                    e.job_name,
+                    e.state,
+                    e.attempt,
+                    e.progress,
+                    e.value if e.state == "completed" and e.value else None,
+                    e.value if e.state == "failed" else None,
+                    e.created,
+                    e.at,
+                    e.message if e.state == "failed" else None,
+                    e.generation,
+                    _taskiq_result(e),
+                )
+            )
     async with conn.transaction():
         if runs:
-            await conn.execute(
-                _INSERT_RUNS,
-                [run_id(e.job_id, e.attempt, e.generation, e.created_ms) for e in runs],
-                [e.plugin_id for e in runs],
-                [e.tenant_id for e in runs],
-                [f"job:{e.job_name}" for e in runs],
-                [e.status for e in runs],
-                [e.metadata().to_json() for e in runs],
-                [None if e.status == "success" else e.value for e in runs],
-                [e.started or e.at for e in runs],
-            )
+            await conn.execute(_INSERT_RUNS, *map(list, zip(*runs, strict=True)))
         if finals:
-            await conn.execute(
-                _UPSERT_JOBS,
-                queue_name,
-                [e.job_id for e in finals],
-                [e.plugin_id for e in finals],
-                [e.tenant_id for e in finals],
-                [e.job_name for e in finals],
-                [e.state for e in finals],
-                [e.attempt for e in finals],
-                [e.progress for e in finals],
-                [e.value if e.state == "completed" and e.value else None for e in finals],
-                [e.value if e.state == "failed" else None for e in finals],
-                [e.created for e in finals],
-                [e.at for e in finals],
-                [e.message if e.state == "failed" else None for e in finals],
-                [e.generation for e in finals],
-            )
-            await conn.execute(
-                _UPSERT_RESULTS,
-                [e.job_id for e in finals],
-                [_taskiq_result(e) for e in finals],
-                [None for _ in finals],
-            )
+            columns = list(map(list, zip(*finals, strict=True)))
+            await conn.execute(_UPSERT_JOBS, queue_name, *columns[:13])
+            await conn.execute(_UPSERT_RESULTS, columns[0], columns[13], [None for _ in finals])
 
 
 def _taskiq_result(entry: LedgerEntry) -> bytes:
@@ -214,6 +226,17 @@ def _taskiq_result(entry: LedgerEntry) -> bytes:
     execution_time = (
         (entry.at - entry.started).total_seconds() if entry.started is not None else 0.0
     )
+    if not failed:  # the common case, without building a pydantic model (same JSON)
+        return json.dumps(
+            {
+                "is_err": False,
+                "log": None,
+                "return_value": _json_or_text(entry.value or "null"),
+                "execution_time": round(execution_time, 3),
+                "labels": {},
+                "error": None,
+            }
+        ).encode()
     result: TaskiqResult[Any] = TaskiqResult(
         is_err=failed,
         return_value=None if failed else _json_or_text(entry.value or "null"),
@@ -309,7 +332,9 @@ class RunLedger:
             return 0
         entries: list[LedgerEntry] = []
         unreadable: list[str] = []
-        for entry_id, raw in items:
+        for index, (entry_id, raw) in enumerate(items):
+            if index and index % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             try:
                 entries.append(LedgerEntry.parse(entry_id, raw))
             except (ValueError, KeyError, TypeError):

@@ -87,15 +87,13 @@ class LifecycleMiddleware(TaskiqMiddleware):
         )
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
-        """Bind the job's identity to the log context and log ``job_started``."""
+        """Record the start and log ``job_started``."""
         delivery = self.drm_broker.delivery(message.task_id)
-        attempt = (delivery.attempts_made if delivery else 0) + 1
-        structlog.contextvars.bind_contextvars(**_identity(message), attempt=attempt)
         self.drm_broker.mark_started(message.task_id)
         log.info(
             "job_started",
             **_identity(message),
-            attempt=attempt,
+            attempt=(delivery.attempts_made if delivery else 0) + 1,
             stalled=delivery.stalled if delivery else 0,
         )
         return message
@@ -107,56 +105,55 @@ class LifecycleMiddleware(TaskiqMiddleware):
         if delivery is None:
             # The lease was given back (shutdown grace expired) or lost: nothing to settle.
             log.warning("job_interrupted", **_identity(message))
-            structlog.contextvars.unbind_contextvars(
-                "job_id", "task", "plugin_id", "tenant_id", "attempt"
-            )
             return
         attempt = delivery.attempts_made + 1
         duration_ms = int(result.execution_time * 1000)
+        if not result.is_err:
+            log.info(
+                "job_succeeded", **_identity(message), attempt=attempt, duration_ms=duration_ms
+            )
+            broker.set_outcome(
+                message.task_id,
+                PendingOutcome("completed", value=_returnvalue(result.return_value)),
+            )
+            return
+        self._failed(message, result, attempt, duration_ms)
+
+    def _failed(
+        self, message: TaskiqMessage, result: TaskiqResult[Any], attempt: int, duration_ms: int
+    ) -> None:
+        """A failed attempt: a timeout is named as such; retry later or fail for good."""
+        broker = self.drm_broker
         job_log = log.bind(**_identity(message), attempt=attempt)
-        try:
-            if not result.is_err:
-                job_log.info("job_succeeded", duration_ms=duration_ms)
-                broker.set_outcome(
-                    message.task_id,
-                    PendingOutcome("completed", value=_returnvalue(result.return_value)),
-                )
-                return
-            error = result.error or RuntimeError("unknown error")
-            extra: dict[str, Any] = {}
-            timeout_ms = int(float(message.labels.get(LABEL_TIMEOUT, 0)) * 1000)
-            if (
-                isinstance(error, TimeoutError)
-                and not isinstance(error, JobTimeoutError)
-                and timeout_ms
-                and result.execution_time * 1000 >= timeout_ms * 0.95 - 20
-            ):
-                error = JobTimeoutError(f"timed out after {timeout_ms} ms")
-                extra["timedOut"] = True
-                job_log.warning("job_timed_out", timeout_ms=timeout_ms, duration_ms=duration_ms)
-            reason = redact(describe(error))
-            job_log.warning("job_failed", error=reason, duration_ms=duration_ms)
-            decision = decide(
-                attempt,
-                error,
-                RetryOptions.from_labels(message.labels),
-                unrecoverable=self.unrecoverable,
+        error = result.error or RuntimeError("unknown error")
+        extra: dict[str, Any] = {}
+        timeout_ms = int(float(message.labels.get(LABEL_TIMEOUT, 0)) * 1000)
+        if (
+            isinstance(error, TimeoutError)
+            and not isinstance(error, JobTimeoutError)
+            and timeout_ms
+            and result.execution_time * 1000 >= timeout_ms * 0.95 - 20
+        ):
+            error = JobTimeoutError(f"timed out after {timeout_ms} ms")
+            extra["timedOut"] = True
+            job_log.warning("job_timed_out", timeout_ms=timeout_ms, duration_ms=duration_ms)
+        reason = redact(describe(error))
+        job_log.warning("job_failed", error=reason, duration_ms=duration_ms)
+        decision = decide(
+            attempt,
+            error,
+            RetryOptions.from_labels(message.labels),
+            unrecoverable=self.unrecoverable,
+        )
+        if decision.action == "retry":
+            due = int(time.time() * 1000) + decision.delay_ms
+            extra["retryDelayMs"] = decision.delay_ms
+            job_log.info(
+                "job_retry_scheduled", delay_ms=decision.delay_ms, next_attempt=attempt + 1
             )
-            if decision.action == "retry":
-                due = int(time.time() * 1000) + decision.delay_ms
-                extra["retryDelayMs"] = decision.delay_ms
-                job_log.info(
-                    "job_retry_scheduled", delay_ms=decision.delay_ms, next_attempt=attempt + 1
-                )
-                broker.set_outcome(
-                    message.task_id, PendingOutcome("retry", value=reason, due_ms=due, extra=extra)
-                )
-            else:
-                job_log.error("job_failed_permanently", error=reason, attempts_made=attempt)
-                broker.set_outcome(
-                    message.task_id, PendingOutcome("failed", value=reason, extra=extra)
-                )
-        finally:
-            structlog.contextvars.unbind_contextvars(
-                "job_id", "task", "plugin_id", "tenant_id", "attempt"
+            broker.set_outcome(
+                message.task_id, PendingOutcome("retry", value=reason, due_ms=due, extra=extra)
             )
+        else:
+            job_log.error("job_failed_permanently", error=reason, attempts_made=attempt)
+            broker.set_outcome(message.task_id, PendingOutcome("failed", value=reason, extra=extra))
