@@ -463,19 +463,22 @@ class CronEngine:
                 claimed.setdefault(claim, []).append(schedule)
             else:
                 groups.setdefault(expected, []).append(schedule)
-        chunks: list[tuple[str | None, list[CronSchedule]]] = list(claimed.items())
-        for expected, members in groups.items():
-            chunks.extend(self._split(expected, members))
+        # (claim key, members, whether it is a re-check of a chunk claimed elsewhere)
+        chunks: list[tuple[str | None, list[CronSchedule], bool]] = [
+            (claim, members, True) for claim, members in claimed.items()
+        ]
+        for expected, group in groups.items():
+            chunks.extend((key, members, False) for key, members in self._split(expected, group))
         tally.chunks = len(chunks)
         # Different schedulers start at different chunks, so that they meet less often.
         start = zlib.crc32(self.owner.encode()) % len(chunks) if chunks else 0
         chunks = chunks[start:] + chunks[:start]
         limit = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
-        async def one(claim: str | None, members: list[CronSchedule]) -> None:
+        async def one(claim: str | None, members: list[CronSchedule], recheck: bool) -> None:
             async with limit:
                 try:
-                    await self._fire_chunk(claim, members, now_ms, tally)
+                    await self._fire_chunk(claim, members, now_ms, tally, recheck=recheck)
                 except RedisError as exc:  # cron:last stays: a later tick tries again
                     tally.errors.append(exc)
                     tally.failed_schedules += len(members)
@@ -483,7 +486,7 @@ class CronEngine:
                         if schedule.schedule_id in self._unscheduled:
                             self._set_next(schedule.schedule_id, now_ms + RETRY_MS, retry=True)
 
-        await asyncio.gather(*(one(claim, members) for claim, members in chunks))
+        await asyncio.gather(*(one(*chunk) for chunk in chunks))
 
     def _split(
         self, expected: int | None, members: list[CronSchedule]
@@ -517,14 +520,27 @@ class CronEngine:
         self._set_next(schedule.schedule_id, nxt)
 
     async def _fire_chunk(
-        self, claim: str | None, members: list[CronSchedule], now_ms: int, tally: _Tally
+        self,
+        claim: str | None,
+        members: list[CronSchedule],
+        now_ms: int,
+        tally: _Tally,
+        *,
+        recheck: bool,
     ) -> None:
         ids = [schedule.schedule_id for schedule in members]
         raw = await self._claim_script(
             keys=[self.last_key, claim or f"{self.claim_prefix}:none"],
-            args=[now_ms, self.owner, CLAIM_TTL_MS if claim else 0, *ids],
+            args=[now_ms, self.owner, CLAIM_TTL_MS if claim else 0, "0" if recheck else "1", *ids],
         )
         is_mine = int(raw[0]) == 1
+        if not is_mine and len(raw) == 1:  # just claimed by another scheduler: look again later
+            assert claim is not None
+            for sid in ids:
+                self._set_next(sid, now_ms + CLAIM_RECHECK_MS, retry=True)
+                self._claim_of[sid] = claim
+            tally.left_to_others += len(ids)
+            return
         plans: list[_Plan] = []
         for schedule, last in zip(members, raw[1:], strict=True):
             sid = schedule.schedule_id
