@@ -102,7 +102,7 @@ class CronSchedule:
 
 
 # ------------------------------------------------------------------------------ slot arithmetic
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=4096)
 def _parsed(cron: str, tz: str) -> tuple[croniter, ZoneInfo, bool]:
     """A croniter parsed once per (expression, zone), the zone, and whether the hour field is a
     wildcard. The croniter is reused with a new start time for every computation."""
@@ -486,7 +486,10 @@ class CronEngine:
                         if schedule.schedule_id in self._unscheduled:
                             self._set_next(schedule.schedule_id, now_ms + RETRY_MS, retry=True)
 
-        await asyncio.gather(*(one(*chunk) for chunk in chunks))
+        results = await asyncio.gather(*(one(*chunk) for chunk in chunks), return_exceptions=True)
+        for result in results:  # a bug: raise it once every chunk has finished
+            if isinstance(result, BaseException):
+                raise result
 
     def _split(
         self, expected: int | None, members: list[CronSchedule]
