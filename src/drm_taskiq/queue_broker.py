@@ -55,7 +55,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 ACK_BATCH = 200  # settlements sent in one finish.lua call at most
-ACK_LINGER_S = 0.002  # how long a settlement may wait for the rest of its batch
+ACK_LINGER_S = 0.01  # how long a settlement may wait for the rest of its batch
 CIRCUIT_OPENED = 2  # finish.lua's answer when a failure paused the tenant's plugin
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 

@@ -170,29 +170,20 @@ class RedisQueue:
         self._scripts = _load_scripts(redis)
 
     def _enqueue_call(self, request: EnqueueRequest, now: int) -> tuple[list[str], list[Any]]:
-        k = self.keys
-        flat: list[str | bytes] = ["msg", request.message]
-        for key, value in request.fields.items():
-            flat.extend((key, value))
-        keys = [
-            k.job(request.job_id),
-            k.wait,
-            k.delayed,
-            k.fair,
-            k.marker,
-            k.dedup(request.job_id),
-            k.rate(request.fields.get("tenant", ""), now // 1000),
-        ]
-        args = [
+        args: list[Any] = [
+            self.keys.base,
             request.job_id,
             now,
             request.delay_ms,
             request.priority,
             request.dedup_ttl_ms,
             request.rate_limit,
-            *flat,
+            "msg",
+            request.message,
         ]
-        return keys, args
+        for key, value in request.fields.items():
+            args.extend((key, value))
+        return [self.keys.job(request.job_id)], args
 
     async def enqueue(
         self,
