@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,14 @@ from drm_taskiq.hooks import HookRegistry
 from drm_taskiq.options import check_id
 
 if TYPE_CHECKING:
+    from taskiq import TaskiqMessage
+
     from drm_taskiq.jobs import JobScheduler, TenantScheduler
+
+
+# The message of the job this asyncio task runs (set by the worker before the handler runs; each
+# job runs in an asyncio task of its own, so it never leaks into another job).
+current_message: ContextVar[TaskiqMessage | None] = ContextVar("drm_current_message", default=None)
 
 
 def tenant_signature(secret: bytes, tenant_id: str) -> str:

@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
-from taskiq import Context, TaskiqDepends
 from taskiq.exceptions import SendTaskError
 
 from drm_taskiq import redaction, schedules, store
-from drm_taskiq.context import PluginContext, create_plugin_context
+from drm_taskiq.context import PluginContext, create_plugin_context, current_message
 from drm_taskiq.errors import (
     DrmTaskiqError,
     InvalidInputError,
@@ -362,12 +361,15 @@ class JobScheduler:
         async def run_plugin_job(
             data: Any = None,
             tenant_id: str = "",
-            context: Context = TaskiqDepends(),  # noqa: B008  (taskiq's injection idiom)
         ) -> Any:
             definition = scheduler.jobs.get((plugin_id, job_name))
             if definition is None:
                 raise UnknownJobError("job_name", f"{plugin_id}/{job_name} is not registered here")
-            job_id = context.message.task_id
+            # Set by LifecycleMiddleware.pre_execute (cheaper than taskiq's dependency injection).
+            message = current_message.get()
+            if message is None:
+                raise RuntimeError("plugin jobs run in a drm-taskiq worker (DrmBroker)")
+            job_id = message.task_id
             delivery = scheduler.broker.delivery(job_id)
             job = Job(
                 id=job_id,
@@ -387,7 +389,7 @@ class JobScheduler:
                 )
             ctx = scheduler.job_context(plugin_id, tenant_id, config)
             ctx.logger = ctx.logger.bind(
-                job_id=job_id, task=context.message.task_name, attempt=job.attempts_made + 1
+                job_id=job_id, task=message.task_name, attempt=job.attempts_made + 1
             )
             return await definition.handler(ctx, job)
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from taskiq import TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
+from drm_taskiq.context import current_message
 from drm_taskiq.errors import JobTimeoutError
 from drm_taskiq.options import (
     LABEL_JOB,
@@ -90,6 +91,7 @@ class LifecycleMiddleware(TaskiqMiddleware):
         """Record the start and log ``job_started``."""
         delivery = self.drm_broker.delivery(message.task_id)
         self.drm_broker.mark_started(message.task_id)
+        current_message.set(message)
         log.info(
             "job_started",
             **_identity(message),
