@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
-from taskiq import BrokerMessage
+from taskiq import BrokerMessage, TaskiqMessage, TaskiqMiddleware
 
 from drm_taskiq import JobScheduler
 from drm_taskiq.cron import CLAIM_TTL_MS, CronEngine
@@ -248,3 +248,29 @@ async def test_table_is_re_read_only_when_it_changed(
     await db.execute("UPDATE tenant_plugins SET enabled = FALSE WHERE tenant_id = $1", tenant)
     await poll()
     assert (loads, engine.schedules) == (3, {})
+
+
+async def test_other_middlewares_see_every_cron_firing(
+    client: JobScheduler, tenant: str, redis_client: Any
+) -> None:
+    """A middleware added to the broker changes cron messages (pre_send) and sees them sent."""
+    sent: list[str] = []
+
+    class Stamp(TaskiqMiddleware):
+        def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
+            message.labels["stamp"] = f"for-{message.task_id}"
+            return message
+
+        def post_send(self, message: TaskiqMessage) -> None:
+            sent.append(message.task_id)
+
+    client.broker.add_middlewares(Stamp())
+    await client.for_tenant(tenant).register_job("testp", "beat", noop, {"cron": "* * * * *"})
+    engine = CronEngine(client.broker, client)
+    await engine.tick(SLOT - timedelta(seconds=30))
+    await engine.tick(SLOT + timedelta(milliseconds=50))
+    job_id = f"cron:{tenant}:testp:beat:{SLOT_MS}"
+    assert sent == [job_id]
+    raw = await redis_client.hget(client.broker.queue.keys.job(job_id), "msg")
+    message = client.broker.formatter.loads(raw)
+    assert (message.task_id, message.labels["stamp"]) == (job_id, f"for-{job_id}")
