@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
     )
     worker_concurrency: int = Field(
-        default=10,
+        default=32,
         ge=1,
         le=10_000,
         validation_alias=AliasChoices("WORKER_CONCURRENCY", "worker_concurrency"),
