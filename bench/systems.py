@@ -246,8 +246,12 @@ class DrmSystem(System):
             await client.close()
         tpl = self.keys("tpl").base
         for name, (keys, args) in self.templates.items():
-            # keys are the queue "tpl"'s: make them queue-relative
-            self.templates[name] = ([k.replace(tpl, "{QUEUEBASE}") for k in keys], args)
+            # keys (and the key base the script takes as an argument) are the queue "tpl"'s:
+            # make them queue-relative
+            self.templates[name] = (
+                [k.replace(tpl, "{QUEUEBASE}") for k in keys],
+                ["{QUEUEBASE}" if a == tpl else a for a in args],
+            )
         self.message = next(
             a for a in self.templates["noop"][1] if PLACEHOLDER_ID in a and a.startswith("{")
         )
@@ -274,7 +278,11 @@ class DrmSystem(System):
         base = self.keys(queue).base
         flat: list[Any] = []
         for index, raw in enumerate([*keys, *args]):
-            value = raw.replace("{QUEUEBASE}", base) if index < len(keys) else raw
+            value = (
+                raw.replace("{QUEUEBASE}", base)
+                if index < len(keys) or raw == "{QUEUEBASE}"
+                else raw
+            )
             for old, new in (replace or {}).items():
                 value = value.replace(old, new)
             head, found, tail = value.partition(PLACEHOLDER_ID)
