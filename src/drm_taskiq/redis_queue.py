@@ -19,7 +19,7 @@ from redis.commands.core import AsyncScript
 Outcome = Literal["completed", "retry", "failed", "requeue", "dead"]
 
 LEDGER_GROUP = "ledger"
-_SCRIPTS = ("enqueue", "take", "finish", "extend", "stalled", "settle", "retry")
+_SCRIPTS = ("enqueue", "enqueue_many", "take", "finish", "extend", "stalled", "settle", "retry")
 
 
 def now_ms() -> int:
@@ -148,16 +148,22 @@ class QueueKeys:
         return f"{self.base}:stalled-check"
 
 
-_WITH_FAIR = frozenset({"enqueue", "take", "retry"})  # scripts that use fair.lua's vtime()
+_WITH_FAIR = frozenset({"enqueue", "enqueue_many", "take", "retry"})  # use fair.lua's vtime()
+_WITH_ADD_JOB = frozenset({"enqueue", "enqueue_many"})  # use add_job.lua
 
 
 def _load_scripts(redis: Redis) -> dict[str, AsyncScript]:
     folder = resources.files("drm_taskiq") / "lua"
-    prelude = (folder / "fair.lua").read_text(encoding="utf-8")
+    fair = (folder / "fair.lua").read_text(encoding="utf-8")
+    add_job = (folder / "add_job.lua").read_text(encoding="utf-8")
     scripts = {}
     for name in _SCRIPTS:
         body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-        scripts[name] = redis.register_script(prelude + body if name in _WITH_FAIR else body)
+        if name in _WITH_ADD_JOB:
+            body = add_job + body
+        if name in _WITH_FAIR:
+            body = fair + body
+        scripts[name] = redis.register_script(body)
     return scripts
 
 
@@ -206,10 +212,31 @@ class RedisQueue:
         return int(created), _text(state)
 
     async def enqueue_many(self, requests: Sequence[EnqueueRequest]) -> list[tuple[int, str]]:
-        """Add many jobs in one pipelined round trip (each one atomic, as :meth:`enqueue`);
+        """Add many jobs in one script call (each one on its own, as :meth:`enqueue` would);
         returns one ``(created, state)`` per request, in order."""
         if not requests:
             return []
+        try:
+            jobs = [
+                [
+                    r.job_id,
+                    r.delay_ms,
+                    r.priority,
+                    r.dedup_ttl_ms,
+                    r.rate_limit,
+                    ["msg", r.message.decode("utf-8"), *_flatten(r.fields)],
+                ]
+                for r in requests
+            ]
+        except UnicodeDecodeError:  # a binary message (another serializer): one call per job
+            return await self._enqueue_pipelined(requests)
+        raw = await self._scripts["enqueue_many"](
+            keys=[self.keys.job(r.job_id) for r in requests],
+            args=[self.keys.base, now_ms(), json.dumps(jobs)],
+        )
+        return [(int(raw[i]), _text(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+    async def _enqueue_pipelined(self, requests: Sequence[EnqueueRequest]) -> list[tuple[int, str]]:
         now = now_ms()
         script = self._scripts["enqueue"]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -398,6 +425,10 @@ class RedisQueue:
             pipe.zcard(self.keys.active)
             waiting, delayed, active = await pipe.execute()
         return {"waiting": waiting, "delayed": delayed, "active": active}
+
+
+def _flatten(fields: dict[str, str]) -> list[str]:
+    return [item for pair in fields.items() for item in pair]
 
 
 def _text(value: Any) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from drm_taskiq import JobScheduler
 from drm_taskiq.queue_broker import Batcher
-from drm_taskiq.redis_queue import Delivery, Settlement, StalledJob, now_ms
+from drm_taskiq.redis_queue import Delivery, EnqueueRequest, Settlement, StalledJob, now_ms
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -394,3 +394,44 @@ async def test_batcher_waits_for_the_calls_still_expected_and_no_longer() -> Non
     assert await batcher.submit("d") == "d"
     assert sent[-1] == ["d"]
     assert loop.time() - started < 10, "a complete batch must not wait for the linger time"
+
+
+async def test_enqueue_many_answers_each_job_as_enqueue_would(
+    client: JobScheduler, redis_client: Any
+) -> None:
+    """One call adds many jobs: new ones wait or are delayed, an existing id is left alone, a
+    dedup key refuses a finished id, the rate limit refuses the jobs above it; messages are
+    stored byte for byte (non-ASCII text, and a binary message through the per-job path)."""
+    queue = client.broker.queue
+    await queue.enqueue("old", b"old", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={})
+    await redis_client.set(queue.keys.dedup("gone"), "1")
+    text = '{"data": "caf\\u00e9 \\u2603 \\ud83d\\ude00", "raw": "ü"}'.encode()
+    limited = {"tenant": "t1"}
+    answers = await queue.enqueue_many(
+        [
+            EnqueueRequest("a", text, priority=3, fields={"tenant": "t0"}),
+            EnqueueRequest("b", b"{}", delay_ms=60_000),
+            EnqueueRequest("old", b"new"),
+            EnqueueRequest("gone", b"{}", dedup_ttl_ms=60_000),
+            EnqueueRequest("r1", b"{}", fields=limited, rate_limit=2),
+            EnqueueRequest("r2", b"{}", fields=limited, rate_limit=2),
+            EnqueueRequest("r3", b"{}", fields=limited, rate_limit=2),
+        ]
+    )
+    assert answers == [
+        (1, "waiting"),
+        (1, "delayed"),
+        (0, "waiting"),
+        (0, "finished"),
+        (1, "waiting"),
+        (1, "waiting"),
+        (-1, "3"),
+    ]
+    assert await redis_client.hget(queue.keys.job("a"), "msg") == text
+    assert await redis_client.hget(queue.keys.job("old"), "msg") == b"old"
+    assert await queue.counts() == {"waiting": 4, "delayed": 1, "active": 0}
+    # one wake-up per kind for the whole call ("0": delayed, "1": waiting), after "old"'s own
+    assert await redis_client.lrange(queue.keys.marker, 0, -1) == [b"0", b"1", b"1"]
+    binary = bytes(range(256))
+    assert await queue.enqueue_many([EnqueueRequest("bin", binary)]) == [(1, "waiting")]
+    assert await redis_client.hget(queue.keys.job("bin"), "msg") == binary
