@@ -162,7 +162,7 @@ def _json_or_text(value: str) -> Any:
         return value
 
 
-YIELD_EVERY = 32  # entries prepared between two turns of the event loop (keeps jobs starting)
+YIELD_EVERY = 4  # entries prepared between two turns of the event loop (keeps jobs starting)
 
 
 async def write_entries(
