@@ -27,6 +27,7 @@ from bench.common import (
     BIN_DIR,
     REPO_ROOT,
     RESULTS_DIR,
+    ProcGroup,
     cleanup_namespace,
     drm_env,
     log_dir,
@@ -372,18 +373,27 @@ async def phase_whatif(cfg: dict[str, Any], drm: DrmSystem) -> dict[str, Any]:
         "defaults (reference)": ({}, []),
         "no per-job log lines": ({"DRM_LOG_LEVEL": "WARNING"}, ["--log-level", "WARNING"]),
         "WORKER_CONCURRENCY=100": ({"WORKER_CONCURRENCY": "100"}, []),
+        # the run ledger in a `drm-taskiq ledger` process of its own, next to the worker
+        "ledger in its own process": ({"DRM_LEDGER_IN_WORKER": "false"}, []),
     }
     original = drm.start_workers
     for index, (label, (extra, argv)) in enumerate(variants.items()):
+        helpers: list[ProcGroup] = []
 
         def start(
             queue: str,
             workers: int,
             tag: str,
+            *,
             extra: dict[str, str] = extra,
             argv: list[str] = argv,
+            helpers: list[ProcGroup] = helpers,
         ) -> Any:
             env = drm_env(drm.namespace, queue, BENCH_READY_KEY=drm.ready_key(tag), **extra)
+            if extra.get("DRM_LEDGER_IN_WORKER") == "false":
+                helpers.append(
+                    ProcGroup(f"drm-{tag}-ledger", [str(BIN_DIR / "drm-taskiq"), "ledger"], env)
+                )
             return taskiq_worker(f"drm-{tag}", "drm_taskiq.broker:broker", workers, env, *argv)
 
         drm.start_workers = start  # type: ignore[method-assign]
@@ -391,6 +401,8 @@ async def phase_whatif(cfg: dict[str, Any], drm: DrmSystem) -> dict[str, Any]:
             out[label] = await run_drain(drm, workers=1, n=cfg["whatif_jobs"], tag=f"whatif{index}")
         finally:
             drm.start_workers = original  # type: ignore[method-assign]
+            for group in helpers:
+                group.stop()
     return out
 
 

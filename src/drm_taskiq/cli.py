@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("migrate", help="apply the database migrations not yet applied")
+    commands.add_parser(
+        "ledger",
+        help="write the run ledger (plugin_runs) until SIGTERM; for DRM_LEDGER_IN_WORKER=false",
+    )
 
     tenant = commands.add_parser("tenant", help="manage tenants")
     tenant_commands = tenant.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
@@ -429,8 +433,15 @@ async def _plugins(settings: Settings, args: argparse.Namespace) -> int:
     return await _PLUGIN_COMMANDS[args.plugins_command](settings, args)
 
 
+async def _ledger(settings: Settings, args: argparse.Namespace) -> int:
+    from drm_taskiq.runlog import serve  # noqa: PLC0415
+
+    return await serve(settings)
+
+
 _COMMANDS = {
     "migrate": _migrate,
+    "ledger": _ledger,
     "tenant": _tenant_add,
     "runs": _runs,
     "enqueue": _enqueue,

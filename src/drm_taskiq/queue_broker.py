@@ -121,20 +121,17 @@ class DrmBroker(ListQueueBroker):
         await self.redis.ping()
         self._started_up = True
         if self.is_worker_process:
-            self.ledger = RunLedger(
-                self.queue,
-                self.pool,
-                consumer=self.worker_id,
-                batch=self.settings.ledger_batch,
-                block_ms=self.settings.ledger_flush_ms,
-                retention_ms=self.settings.retention_s * 1000,
-                claim_idle_ms=self.settings.ledger_claim_idle_ms,
-            )
             self._background = [
                 asyncio.create_task(self._renew_leases(), name="drm-renew-leases"),
                 asyncio.create_task(self._check_stalled(), name="drm-stalled-check"),
-                asyncio.create_task(self.ledger.run(self._stop), name="drm-ledger"),
             ]
+            if self.settings.ledger_in_worker:
+                self.ledger = RunLedger.from_settings(
+                    self.queue, self.pool, self.settings, consumer=self.worker_id
+                )
+                self._background.append(
+                    asyncio.create_task(self.ledger.run(self._stop), name="drm-ledger")
+                )
             if self.own_process:
                 self._install_shutdown_signals()
             log.info(
@@ -144,6 +141,7 @@ class DrmBroker(ListQueueBroker):
                 database=mask_url(self.settings.database_url),
                 concurrency=self.settings.worker_concurrency,
                 queue=self.settings.queue,
+                ledger="in worker" if self.settings.ledger_in_worker else "separate",
             )
         await super().startup()
         if self.is_worker_process and self.own_process:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,6 +28,7 @@ from taskiq import TaskiqResult
 
 from drm_taskiq.options import JobMetadata, ms_to_datetime
 from drm_taskiq.redis_queue import LEDGER_GROUP, RedisQueue
+from drm_taskiq.settings import Settings, mask_url
 
 log = structlog.get_logger()
 
@@ -270,6 +274,21 @@ class RunLedger:
         self.claim_idle_ms = claim_idle_ms
         self._group_ready = False
 
+    @classmethod
+    def from_settings(
+        cls, queue: RedisQueue, pool: asyncpg.Pool, settings: Settings, consumer: str = ""
+    ) -> RunLedger:
+        """A ledger writer configured by ``DRM_LEDGER_*`` and ``DRM_RETENTION_S``."""
+        return cls(
+            queue,
+            pool,
+            consumer=consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+            batch=settings.ledger_batch,
+            block_ms=settings.ledger_flush_ms,
+            retention_ms=settings.retention_s * 1000,
+            claim_idle_ms=settings.ledger_claim_idle_ms,
+        )
+
     async def ensure_group(self) -> None:
         """Create the consumer group (reading from the stream's start) if it does not exist."""
         if self._group_ready:
@@ -482,3 +501,43 @@ async def log_plugin_run(  # noqa: PLR0917  (the specification's positional sign
         error,
     )
     return row_id
+
+
+async def serve(settings: Settings) -> int:
+    """``drm-taskiq ledger``: write the run ledger in a process of its own until SIGTERM or
+    SIGINT, then write what is pending (for a few seconds) and exit 0.
+
+    With ``DRM_LEDGER_IN_WORKER=false`` workers leave the ledger to such processes, so that its
+    batches do not share an event loop with running jobs. Any number may run (they share the
+    stream's consumer group); entries wait in Redis while none runs.
+    """
+    from redis.asyncio import Redis  # noqa: PLC0415
+
+    from drm_taskiq import store  # noqa: PLC0415
+
+    if settings.migrate_on_start:
+        await store.migrate(settings)
+    pool = await store.create_pool(settings, max_size=2)
+    redis = Redis.from_url(settings.redis_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        queue = RedisQueue(redis, settings.key_prefix, settings.queue)
+        ledger = RunLedger.from_settings(queue, pool, settings)
+        log.info(
+            "ledger_started",
+            consumer=ledger.consumer,
+            queue=settings.queue,
+            redis=mask_url(settings.redis_url),
+            database=mask_url(settings.database_url),
+        )
+        await ledger.run(stop)
+        log.info("ledger_stopped", consumer=ledger.consumer)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await pool.close()
+        await redis.aclose()
+    return 0

@@ -180,6 +180,11 @@ class Processes:
         argv = [_binary("taskiq"), "scheduler", "drm_taskiq.scheduler:sched"]
         return self._start("scheduler", argv, self.env(**env))
 
+    def ledger(self, **env: str | int | float) -> Proc:
+        """``drm-taskiq ledger``: the run ledger in a process of its own."""
+        argv = [_binary("drm-taskiq"), "ledger"]
+        return self._start("ledger", argv, self.env(**env))
+
     async def wait_event(
         self, proc: Proc, event: str, timeout: float = 30.0, **fields: Any
     ) -> dict[str, Any]:

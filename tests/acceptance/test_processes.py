@@ -320,3 +320,40 @@ async def test_tenant_running_limit_holds_across_two_worker_processes(
     assert peak == 2, f"{peak} jobs of one tenant ran at once"
     assert len({e["pid"] for e in await fetch_events(db, "sleep")}) == 2
     assert len(ids) == 10
+
+
+async def test_ledger_in_its_own_process_writes_every_row_across_a_restart(
+    procs: Processes, accept_client: JobScheduler, db: asyncpg.Pool, accept_tenant: str, keys: Any
+) -> None:
+    """DRM_LEDGER_IN_WORKER=false: the worker runs jobs and leaves their rows in Redis until a
+    `drm-taskiq ledger` process writes them; SIGTERM stops it cleanly (exit 0), and the rows of
+    the jobs that ran meanwhile are written by the next one, each exactly once."""
+    worker = await procs.ready_worker(DRM_LEDGER_IN_WORKER="false")
+    assert (await procs.wait_event(worker, "worker_started"))["ledger"] == "separate"
+    first = await _add(accept_client, accept_tenant, "echo", [{"n": i} for i in range(10)])
+    redis = accept_client.broker.redis
+    await wait_until(
+        lambda: _stream_length(redis, keys.ledger, 10), timeout=30, procs=[worker], what="entries"
+    )
+    assert await count_jobs(db) == 0, "the worker wrote rows although its ledger is off"
+    ledger = procs.ledger()
+    await procs.wait_event(ledger, "ledger_started")
+    await wait_until(_completed(db, 10), timeout=30, procs=[ledger], what="10 rows")
+    ledger.send(signal.SIGTERM)
+    assert await wait_exit(ledger, timeout=15) == 0
+    assert ledger.events("ledger_stopped")
+    second = await _add(accept_client, accept_tenant, "echo", [{"n": i} for i in range(10, 20)])
+    await wait_until(
+        lambda: _stream_length(redis, keys.ledger, 10), timeout=30, procs=[worker], what="entries"
+    )
+    assert await count_jobs(db) == 10
+    again = procs.ledger()
+    await wait_until(_completed(db, 20), timeout=30, procs=[again], what="20 rows")
+    await asyncio.sleep(0.5)  # let any duplicate show up
+    runs = await fetch_runs(db)
+    assert Counter(run["job_id"] for run in runs) == Counter(first + second)
+    assert await redis.xlen(keys.ledger) == 0
+
+
+async def _stream_length(redis: aioredis.Redis, key: str, at_least: int) -> bool:
+    return int(await redis.xlen(key)) >= at_least
