@@ -132,9 +132,6 @@ class QueueKeys:
     def dead(self) -> str:
         return f"{self.base}:dead"
 
-    def rate(self, tenant_id: str, second: int) -> str:
-        return f"{self.base}:rate:{tenant_id}:{second}"
-
     @property
     def breaker(self) -> str:
         return f"{self.base}:breaker"
