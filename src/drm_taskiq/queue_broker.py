@@ -559,17 +559,15 @@ class Batcher(Generic[T, R]):
                 self._wake = None
 
     async def _flush(self) -> None:
+        batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
             while self._items:
                 await self._gather()
                 batch, self._items = self._items[: self._max], self._items[self._max :]
                 try:
                     answers = await self._send([item for item, _ in batch])
-                except asyncio.CancelledError:
-                    for _, future in batch + self._items:
-                        future.cancel()
-                    self._items = []
-                    raise
+                    if len(answers) != len(batch):
+                        raise RuntimeError(f"{len(answers)} answers for {len(batch)} items")
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
@@ -578,6 +576,13 @@ class Batcher(Generic[T, R]):
                 for (_, future), answer in zip(batch, answers, strict=True):
                     if not future.done():
                         future.set_result(answer)
+                batch = []
+        except BaseException:
+            # Cancelled (the loop is closing) or a bug: no caller may wait forever.
+            for _, future in batch + self._items:
+                future.cancel()
+            self._items = []
+            raise
         finally:
             self._flusher = None
 

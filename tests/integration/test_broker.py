@@ -435,3 +435,30 @@ async def test_enqueue_many_answers_each_job_as_enqueue_would(
     binary = bytes(range(256))
     assert await queue.enqueue_many([EnqueueRequest("bin", binary)]) == [(1, "waiting")]
     assert await redis_client.hget(queue.keys.job("bin"), "msg") == binary
+
+
+async def test_batcher_never_leaves_a_caller_waiting() -> None:
+    """A send that answers the wrong number of items fails its callers; a send that is
+    cancelled cancels them: no caller waits forever."""
+
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    batcher: Batcher[int, int] = Batcher(short)
+    results = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results), results
+
+    gate = asyncio.Event()
+
+    async def stuck(items: list[int]) -> list[int]:
+        await gate.wait()
+        return items
+
+    stuck_batcher: Batcher[int, int] = Batcher(stuck)
+    call = asyncio.ensure_future(stuck_batcher.submit(1))
+    await asyncio.sleep(0.01)
+    flusher = stuck_batcher._flusher
+    assert flusher is not None
+    flusher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, timeout=5)
