@@ -45,7 +45,13 @@ from drm_taskiq.options import (
     label_int,
 )
 from drm_taskiq.process import stop_taskiq_supervisor
-from drm_taskiq.redis_queue import Delivery, RedisQueue, Settlement, now_ms
+from drm_taskiq.redis_queue import (
+    Delivery,
+    RedisQueue,
+    Settlement,
+    now_ms,
+    pack_with_hiredis,
+)
 from drm_taskiq.results import JobResultBackend
 from drm_taskiq.runlog import RunLedger
 from drm_taskiq.settings import Settings, mask_url
@@ -74,6 +80,7 @@ class DrmBroker(ListQueueBroker):
         )
         self.settings = settings
         self.own_process = own_process
+        pack_with_hiredis(self.connection_pool)
         self.redis = Redis(connection_pool=self.connection_pool)
         self.queue = RedisQueue(self.redis, settings.key_prefix, settings.queue)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -13,13 +13,39 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection, ConnectionPool
 from redis.commands.core import AsyncScript
+from redis.exceptions import DataError
 
 Outcome = Literal["completed", "retry", "failed", "requeue", "dead"]
 
 LEDGER_GROUP = "ledger"
 _SCRIPTS = ("enqueue", "enqueue_many", "take", "finish", "extend", "stalled", "settle", "retry")
+
+
+class HiredisPackingConnection(Connection):
+    """redis-py's asyncio connection packs every command in Python (~27 us for an enqueue's 20
+    arguments; its synchronous client uses hiredis when installed). This one packs with hiredis
+    (~3 us), byte for byte the same; arguments hiredis does not take go the usual way."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if not args or not isinstance(args[0], str) or " " in args[0]:
+            return super().pack_command(*args)
+        if any(isinstance(arg, (bool, bytearray, memoryview)) or arg is None for arg in args):
+            return super().pack_command(*args)  # redis-py's own errors and conversions
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from exc
+
+
+def pack_with_hiredis(pool: ConnectionPool) -> None:
+    """Let ``pool`` make :class:`HiredisPackingConnection` (plain TCP connections only; TLS and
+    Unix-socket pools keep theirs). Call it before the pool's first connection."""
+    if pool.connection_class is Connection:
+        pool.connection_class = HiredisPackingConnection
 
 
 def now_ms() -> int:
