@@ -8,13 +8,6 @@ group is killed with SIGKILL at teardown, whatever the test did.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +16,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from tests.plugins.accept import plugin as accept_plugin
+from tests.support.processes import Proc, binary, process_env, wait_event
 from tests.support.waiting import wait_until
 
 from drm_taskiq import store
@@ -31,98 +25,8 @@ from drm_taskiq.queue_broker import DrmBroker
 from drm_taskiq.redis_queue import QueueKeys
 from drm_taskiq.settings import Settings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_SPEC = "tests.plugins.accept:plugin"
 TENANT = "acme"
-BIN_DIR = Path(sys.executable).parent
-LOG_TAIL_LINES = 80
-
-# Variables a developer's shell may set that would leak into the processes under test.
-_OWN_NAMES = ("REDIS_URL", "DATABASE_URL", "WORKER_CONCURRENCY", "ACCEPT_TICK_CRON")
-
-
-def _binary(name: str) -> str:
-    path = BIN_DIR / name
-    if not path.exists():
-        pytest.skip(f"{name} not found next to {sys.executable}")
-    return str(path)
-
-
-class Proc:
-    """One started process (a process-group leader) and its log files."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.stdout_path = cwd / f"{name}.stdout"
-        self.stderr_path = cwd / f"{name}.stderr"
-        self._stdout = self.stdout_path.open("wb")
-        self._stderr = self.stderr_path.open("wb")
-        self.popen = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=self._stderr,
-            start_new_session=True,
-        )
-        self.started_at = time.monotonic()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.poll()
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text("utf-8", errors="replace")
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text("utf-8", errors="replace")
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The structlog JSON events written so far (to stderr), optionally only ``name``."""
-        found = []
-        for raw in self.stderr().splitlines():
-            line = raw.strip()
-            if not line.startswith("{"):
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # a line being written right now
-            if isinstance(event, dict) and (name is None or event.get("event") == name):
-                found.append(event)
-        return found
-
-    def send(self, signum: int) -> None:
-        """Send ``signum`` to the main process only."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signum)
-
-    def killpg(self, signum: int = signal.SIGKILL) -> None:
-        """Send ``signum`` to the whole process group (the main process and its children)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signum)
-
-    def close(self) -> None:
-        """Kill the group, reap the main process, close the log files."""
-        self.killpg(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):  # SIGKILL cannot be ignored
-            self.popen.wait(timeout=10)
-        self._stdout.close()
-        self._stderr.close()
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        parts = []
-        for label, text in (("stdout", self.stdout()), ("stderr", self.stderr())):
-            kept = text.splitlines()[-lines:]
-            parts.append(f"--- {self.name} {label} (last {len(kept)} lines) ---")
-            parts.extend(kept)
-        return "\n".join(parts)
 
 
 class Processes:
@@ -136,32 +40,8 @@ class Processes:
 
     def env(self, **extra: str | int | float) -> dict[str, str]:
         """The environment of a process: the test's servers, schema, prefix and plugin."""
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("DRM_") and key not in _OWN_NAMES
-        }
-        python_path = [str(REPO_ROOT)]
-        if os.environ.get("PYTHONPATH"):
-            python_path.append(os.environ["PYTHONPATH"])
-        env.update(
-            PYTHONPATH=os.pathsep.join(python_path),
-            PYTHONUNBUFFERED="1",
-            REDIS_URL=self.settings.redis_url,
-            DATABASE_URL=self.settings.database_url,
-            WORKER_CONCURRENCY="4",
-            DRM_DB_SCHEMA=self.settings.db_schema,
-            DRM_KEY_PREFIX=self.settings.key_prefix,
-            DRM_PLUGINS=PLUGIN_SPEC,
-            DRM_ENTRY_POINTS="false",
-            DRM_ALLOW_UNSIGNED_PLUGINS="true",  # test plugins are not signed
-            DRM_LEASE_MS="3000",
-            DRM_STALLED_INTERVAL_MS="500",
-            DRM_LEDGER_FLUSH_MS="50",
-            DRM_LOG_FORMAT="json",
-        )
-        env.update({key: str(value) for key, value in extra.items()})
-        return env
+        defaults: dict[str, str | int | float] = {"WORKER_CONCURRENCY": 4, "DRM_LEASE_MS": 3000}
+        return process_env(self.settings, PLUGIN_SPEC, **{**defaults, **extra})
 
     def _start(self, kind: str, argv: list[str], env: dict[str, str]) -> Proc:
         index = self._counts.get(kind, 0)
@@ -172,31 +52,24 @@ class Processes:
 
     def worker(self, **env: str | int | float) -> Proc:
         """``taskiq worker drm_taskiq.broker:broker --workers 1``; ``env`` overrides variables."""
-        argv = [_binary("taskiq"), "worker", "drm_taskiq.broker:broker", "--workers", "1"]
+        argv = [binary("taskiq"), "worker", "drm_taskiq.broker:broker", "--workers", "1"]
         return self._start("worker", argv, self.env(**env))
 
     def scheduler(self, **env: str | int | float) -> Proc:
         """``taskiq scheduler drm_taskiq.scheduler:sched``; ``env`` overrides variables."""
-        argv = [_binary("taskiq"), "scheduler", "drm_taskiq.scheduler:sched"]
+        argv = [binary("taskiq"), "scheduler", "drm_taskiq.scheduler:sched"]
         return self._start("scheduler", argv, self.env(**env))
 
     def ledger(self, **env: str | int | float) -> Proc:
         """``drm-taskiq ledger``: the run ledger in a process of its own."""
-        argv = [_binary("drm-taskiq"), "ledger"]
+        argv = [binary("drm-taskiq"), "ledger"]
         return self._start("ledger", argv, self.env(**env))
 
     async def wait_event(
         self, proc: Proc, event: str, timeout: float = 30.0, **fields: Any
     ) -> dict[str, Any]:
         """Wait until ``proc`` logged ``event`` (with ``fields``); fail if it exits first."""
-
-        def found() -> dict[str, Any] | None:
-            for item in proc.events(event):
-                if all(item.get(key) == value for key, value in fields.items()):
-                    return item
-            return None
-
-        return await wait_until(found, timeout=timeout, procs=[proc], what=f"{proc.name}: {event}")
+        return await wait_event(proc, event, timeout, **fields)
 
     async def ready_worker(self, **env: str | int | float) -> Proc:
         """A worker that has loaded the ``accept`` plugin (its jobs are registered)."""

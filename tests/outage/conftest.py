@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,14 +26,11 @@ from tests.conftest import WorkerHandle
 from tests.outage.outage_plugin import PLUGIN_ID, PLUGIN_SPEC
 from tests.outage.outage_plugin import plugin as outage_plugin
 from tests.support.private_pg import PrivatePostgres
+from tests.support.processes import Proc, binary, process_env
 from tests.support.services import PrivateRedis
-from tests.support.waiting import wait_until
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TENANT = "acme"
 TENANT_PLUGINS: dict[str, Any] = {"testp": {}, PLUGIN_ID: {}}
-BIN_DIR = Path(sys.executable).parent
-_OWN_NAMES = ("REDIS_URL", "DATABASE_URL", "WORKER_CONCURRENCY")
 
 
 # --------------------------------------------------------------------------- private PostgreSQL
@@ -111,12 +103,23 @@ async def pg_start_worker(
     redis_client: aioredis.Redis,
 ) -> AsyncIterator[Callable[..., Any]]:
     """Start in-process workers on the private PostgreSQL; stopped at teardown."""
+    async with _workers(pg_settings, lambda: ensure_running(private_pg)) as start:
+        yield start
+
+
+@contextlib.asynccontextmanager
+async def _workers(
+    settings: Settings, restore: Callable[[], None]
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start in-process workers with ``settings`` (plus overrides); at the end ``restore`` the
+    server the test may have left stopped, then stop every worker (or close the broker of one
+    whose listener died)."""
     workers: list[WorkerHandle] = []
 
     async def start(
         setup: Callable[[JobScheduler], Any] | None = None, **overrides: Any
     ) -> WorkerHandle:
-        handle = WorkerHandle(pg_settings.model_copy(update=overrides), setup)
+        handle = WorkerHandle(settings.model_copy(update=overrides), setup)
         workers.append(handle)
         await handle.start()
         return handle
@@ -124,11 +127,11 @@ async def pg_start_worker(
     try:
         yield start
     finally:
-        ensure_running(private_pg)
+        restore()
         for handle in workers:
             if handle.task is not None and not handle.task.done():
                 await handle.stop()
-            elif handle.broker._started_up:  # the listener died: close the broker anyway
+            elif handle.broker._started_up:
                 await handle.broker.shutdown()
 
 
@@ -177,133 +180,33 @@ async def redis_start_worker(
 ) -> AsyncIterator[Callable[..., Any]]:
     """Start in-process workers on the private Redis; stopped at teardown (Redis restarted
     first if the test left it stopped)."""
-    workers: list[WorkerHandle] = []
 
-    async def start(
-        setup: Callable[[JobScheduler], Any] | None = None, **overrides: Any
-    ) -> WorkerHandle:
-        handle = WorkerHandle(redis_settings.model_copy(update=overrides), setup)
-        workers.append(handle)
-        await handle.start()
-        return handle
-
-    try:
-        yield start
-    finally:
+    def restore() -> None:
         if private_redis.proc is None:
             private_redis.start()
-        for handle in workers:
-            if handle.task is not None and not handle.task.done():
-                await handle.stop()
-            elif handle.broker._started_up:
-                await handle.broker.shutdown()
+
+    async with _workers(redis_settings, restore) as start:
+        yield start
 
 
 # --------------------------------------------------------------------------- real processes
-class WorkerProcess:
-    """``taskiq worker drm_taskiq.broker:broker`` in its own process group, logs in files."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], workdir: Path) -> None:
-        self.name = name
-        self.stdout_path = workdir / f"{name}.stdout"
-        self.stderr_path = workdir / f"{name}.stderr"
-        self._stdout = self.stdout_path.open("wb")
-        self._stderr = self.stderr_path.open("wb")
-        self.popen = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=self._stderr,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.poll()
-
-    def output(self) -> str:
-        return self.stderr_path.read_text("utf-8", errors="replace") + self.stdout_path.read_text(
-            "utf-8", errors="replace"
-        )
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The structlog JSON events written so far, optionally only those named ``name``."""
-        found = []
-        for raw in self.output().splitlines():
-            line = raw.strip()
-            if not line.startswith("{"):
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and (name is None or event.get("event") == name):
-                found.append(event)
-        return found
-
-    def killpg(self, signum: int = signal.SIGKILL) -> None:
-        """Send ``signum`` to the whole process group (taskiq's main process and its child)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signum)
-
-    def close(self) -> None:
-        self.killpg(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-        self._stdout.close()
-        self._stderr.close()
-
-    def tail(self, lines: int = 60) -> str:
-        kept = self.output().splitlines()[-lines:]
-        return "\n".join([f"--- {self.name} (last {len(kept)} lines) ---", *kept])
-
-
 class WorkerProcesses:
     """Starts real worker processes configured like a test's settings."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.procs: list[WorkerProcess] = []
+        self.procs: list[Proc] = []
 
-    def start(
-        self, settings: Settings, *extra_args: str, **env: str | int | float
-    ) -> WorkerProcess:
-        binary = BIN_DIR / "taskiq"
-        if not binary.exists():
-            pytest.skip(f"taskiq not found next to {sys.executable}")
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("DRM_") and key not in _OWN_NAMES
-        }
-        python_path = [str(REPO_ROOT)]
-        if os.environ.get("PYTHONPATH"):
-            python_path.append(os.environ["PYTHONPATH"])
-        environment.update(
-            PYTHONPATH=os.pathsep.join(python_path),
-            PYTHONUNBUFFERED="1",
-            REDIS_URL=settings.redis_url,
-            DATABASE_URL=settings.database_url,
-            WORKER_CONCURRENCY="10",
-            DRM_DB_SCHEMA=settings.db_schema,
-            DRM_KEY_PREFIX=settings.key_prefix,
-            DRM_PLUGINS=PLUGIN_SPEC,
-            DRM_ENTRY_POINTS="false",
-            DRM_ALLOW_UNSIGNED_PLUGINS="true",  # test plugins are not signed
-            DRM_LEASE_MS=str(settings.lease_ms),
-            DRM_STALLED_INTERVAL_MS=str(settings.stalled_interval_ms),
-            DRM_LEDGER_FLUSH_MS=str(settings.ledger_flush_ms),
-            DRM_LOG_FORMAT="json",
+    def start(self, settings: Settings, *extra_args: str, **env: str | int | float) -> Proc:
+        """``taskiq worker drm_taskiq.broker:broker --workers 1`` configured like ``settings``,
+        with the ``outage`` plugin; ``env`` overrides variables."""
+        argv = [binary("taskiq"), "worker", "drm_taskiq.broker:broker", "--workers", "1"]
+        proc = Proc(
+            f"worker{len(self.procs)}",
+            [*argv, *extra_args],
+            process_env(settings, PLUGIN_SPEC, **env),
+            self.workdir,
         )
-        environment.update({key: str(value) for key, value in env.items()})
-        argv = [str(binary), "worker", "drm_taskiq.broker:broker", "--workers", "1", *extra_args]
-        proc = WorkerProcess(f"worker{len(self.procs)}", argv, environment, self.workdir)
         self.procs.append(proc)
         return proc
 
@@ -325,20 +228,6 @@ def worker_procs(tmp_path: Path) -> Iterator[WorkerProcesses]:
         processes.close()
         if processes.procs:
             print(processes.report())
-
-
-async def wait_event(
-    proc: WorkerProcess, event: str, timeout: float = 30.0, **fields: Any
-) -> dict[str, Any]:
-    """Wait until ``proc`` logged ``event`` with ``fields``; fail if it exits first."""
-
-    def found() -> dict[str, Any] | None:
-        for item in proc.events(event):
-            if all(item.get(key) == value for key, value in fields.items()):
-                return item
-        return None
-
-    return await wait_until(found, timeout=timeout, procs=[proc], what=f"{proc.name}: {event}")
 
 
 # --------------------------------------------------------------------------- PostgreSQL reads

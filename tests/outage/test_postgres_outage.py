@@ -23,10 +23,10 @@ from tests.outage.conftest import (
     WorkerProcesses,
     pg_counts,
     try_count_runs,
-    wait_event,
-    wait_until,
 )
 from tests.support.private_pg import PrivatePostgres
+from tests.support.processes import wait_event
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(90)]
 

@@ -17,10 +17,10 @@ from tests.outage.conftest import (
     PLUGIN_ID,
     TENANT,
     WorkerProcesses,
-    wait_event,
-    wait_until,
 )
+from tests.support.processes import wait_event
 from tests.support.services import PrivateRedis
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(90)]
 
