@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,6 +15,7 @@ from taskiq.receiver import Receiver
 
 from drm_taskiq import store
 from drm_taskiq.jobs import JobScheduler
+from drm_taskiq.plugins import Plugin
 from drm_taskiq.queue_broker import DrmBroker
 from drm_taskiq.settings import Settings, load_settings
 from tests.support.services import DATABASE_URL, REDIS_URL, require
@@ -105,6 +107,22 @@ class WorkerHandle:
                     task.print_stack(limit=4)
                 raise AssertionError("the in-process worker did not stop within 30 s")
         await asyncio.wait_for(self.broker.shutdown(), timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def started_client(
+    settings: Settings, plugins: list[Plugin], before_close: Callable[[], None] = lambda: None
+) -> AsyncIterator[JobScheduler]:
+    """A started client JobScheduler with ``plugins`` loaded (their ``on_load`` ran);
+    ``before_close`` runs before it is closed (to restart a server the test stopped)."""
+    scheduler = JobScheduler(DrmBroker(settings, own_process=False), plugins=plugins)
+    await scheduler.start()
+    try:
+        await scheduler.load_plugins()
+        yield scheduler
+    finally:
+        before_close()
+        await scheduler.close()
 
 
 @pytest.fixture

@@ -15,13 +15,13 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from tests.conftest import started_client
 from tests.plugins.accept import plugin as accept_plugin
 from tests.support.processes import Proc, binary, process_env, wait_event
 from tests.support.waiting import wait_until
 
 from drm_taskiq import store
 from drm_taskiq.jobs import JobScheduler
-from drm_taskiq.queue_broker import DrmBroker
 from drm_taskiq.redis_queue import QueueKeys
 from drm_taskiq.settings import Settings
 
@@ -182,10 +182,5 @@ async def accept_client(
     settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis, accept_tenant: str
 ) -> AsyncIterator[JobScheduler]:
     """A started client JobScheduler with the accept plugin's jobs registered (by its on_load)."""
-    scheduler = JobScheduler(DrmBroker(settings, own_process=False), plugins=[accept_plugin])
-    await scheduler.start()
-    try:
-        await scheduler.load_plugins()
+    async with started_client(settings, [accept_plugin]) as scheduler:
         yield scheduler
-    finally:
-        await scheduler.close()

@@ -20,9 +20,8 @@ import redis.asyncio as aioredis
 
 from drm_taskiq import store
 from drm_taskiq.jobs import JobScheduler
-from drm_taskiq.queue_broker import DrmBroker
 from drm_taskiq.settings import Settings
-from tests.conftest import WorkerHandle
+from tests.conftest import WorkerHandle, started_client
 from tests.outage.outage_plugin import PLUGIN_ID, PLUGIN_SPEC
 from tests.outage.outage_plugin import plugin as outage_plugin
 from tests.support.private_pg import PrivatePostgres
@@ -85,14 +84,10 @@ async def pg_client(
     redis_client: aioredis.Redis,
 ) -> AsyncIterator[JobScheduler]:
     """A started client JobScheduler on the private PostgreSQL (plugin ``outage`` loaded)."""
-    scheduler = JobScheduler(DrmBroker(pg_settings, own_process=False), plugins=[outage_plugin])
-    await scheduler.start()
-    try:
-        await scheduler.load_plugins()
+    async with started_client(
+        pg_settings, [outage_plugin], lambda: ensure_running(private_pg)
+    ) as scheduler:
         yield scheduler
-    finally:
-        ensure_running(private_pg)
-        await scheduler.close()
 
 
 @pytest.fixture
@@ -165,13 +160,8 @@ async def redis_client_scheduler(
     redis_settings: Settings, db: asyncpg.Pool, redis_tenant: str
 ) -> AsyncIterator[JobScheduler]:
     """A started client JobScheduler on the private Redis (plugin ``outage`` loaded)."""
-    scheduler = JobScheduler(DrmBroker(redis_settings, own_process=False), plugins=[outage_plugin])
-    await scheduler.start()
-    try:
-        await scheduler.load_plugins()
+    async with started_client(redis_settings, [outage_plugin]) as scheduler:
         yield scheduler
-    finally:
-        await scheduler.close()
 
 
 @pytest.fixture
