@@ -209,9 +209,8 @@ class RedisQueue:
             request.rate_limit,
             "msg",
             request.message,
+            *_flatten(request.fields),
         ]
-        for key, value in request.fields.items():
-            args.extend((key, value))
         return [self.keys.job(request.job_id)], args
 
     async def enqueue(
@@ -391,11 +390,9 @@ class RedisQueue:
     async def retry_failed(self, job_id: str, message: str, fields: dict[str, str]) -> bool:
         """Put a failed job back in waiting as a new generation; False if it is not failed."""
         k = self.keys
-        flat: list[str] = []
-        for key, value in fields.items():
-            flat.extend((key, value))
         done = await self._scripts["retry"](
-            keys=[k.job(job_id), k.wait, k.fair, k.marker], args=[job_id, message, *flat]
+            keys=[k.job(job_id), k.wait, k.fair, k.marker],
+            args=[job_id, message, *_flatten(fields)],
         )
         return bool(done)
 
