@@ -51,6 +51,11 @@ def remember(values: Iterable[str]) -> None:
     _pattern = re.compile("|".join(re.escape(v) for v in ordered))
 
 
+def active() -> bool:
+    """Whether any secret value is remembered (:func:`redact` would change some text)."""
+    return _pattern is not None
+
+
 def redact(text: str) -> str:
     """``text`` with every remembered secret value replaced by ``***``."""
     if _pattern is None or not text:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import structlog
 
-from drm_taskiq.logs import configure_logging, mask_secrets
+from drm_taskiq.logs import LoopBufferedLogger, configure_logging, mask_secrets
 from drm_taskiq.redaction import forget_all, remember
 
 
@@ -59,3 +60,70 @@ def test_mask_leaves_plain_text_alone() -> None:
         mask_secrets("nothing to see at redis://cache:6379")
         == "nothing to see at redis://cache:6379"
     )
+
+
+def test_json_line_has_what_structlog_processors_would_write(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The one-step JSON processor writes the fields structlog's chain (add_log_level,
+    TimeStamper, format_exc_info, JSONRenderer) would: level names, a UTC ISO timestamp, the
+    traceback as text, and values JSON has no type for as their repr."""
+    configure_logging("json", "INFO")
+    log = structlog.get_logger()
+    log.warning("slow", job_id="j1", attempt=2, took=1.5, flags=[1, "a"], thing=object())
+    try:
+        raise ValueError("bad password=abc")
+    except ValueError:
+        log.exception("crashed", job_id="j2")
+    log.debug("hidden")
+    first, second = (json.loads(x) for x in capsys.readouterr().err.strip().splitlines())
+    assert first["level"] == "warning"
+    assert first["event"] == "slow"
+    assert (first["job_id"], first["attempt"], first["took"], first["flags"]) == (
+        "j1",
+        2,
+        1.5,
+        [1, "a"],
+    )
+    assert first["thing"].startswith("<object object at")
+    assert first["timestamp"].endswith("Z")
+    assert second["level"] == "error"
+    assert "Traceback" in second["exception"]
+    assert "ValueError: bad password=***" in second["exception"]  # tracebacks are masked too
+
+
+def test_lines_of_one_loop_turn_are_written_together_and_in_order() -> None:
+    """Inside an event loop, lines wait in the stream's buffer until the end of the loop's turn
+    (one write for all of them), in the order they were logged, stdlib lines included; outside
+    a loop each line is written at once."""
+    import asyncio
+    import io
+
+    writes: list[bytes] = []  # what reaches the file: one entry per system call
+
+    class File(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            writes.append(bytes(data))
+            return len(data)
+
+    stream = io.TextIOWrapper(io.BufferedWriter(File()), encoding="utf-8", line_buffering=True)
+    logger = LoopBufferedLogger(stream)
+    logger.msg("outside a loop")
+    assert writes == [b"outside a loop\n"]
+
+    async def turn() -> None:
+        logger.msg("one")
+        logger.msg("two")
+        stream.write("stdlib line\n")  # a line-buffered text write flushes what is pending
+        logger.msg("three")
+        assert writes[-1].endswith(b"stdlib line\n")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    writes.clear()
+    asyncio.run(turn())
+    assert b"".join(writes) == b"one\ntwo\nstdlib line\nthree\n"
+    assert writes[-1] == b"three\n"
