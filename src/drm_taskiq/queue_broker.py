@@ -267,7 +267,9 @@ class DrmBroker(ListQueueBroker):
                     try:
                         deliveries, next_due = await self._take(min(free, self.settings.take_batch))
                         if not deliveries:
-                            await self._idle(next_due)
+                            deliveries = await self._idle(
+                                next_due, min(free, self.settings.take_batch)
+                            )
                     except _TRANSIENT as exc:
                         failures += 1
                         now = time.monotonic()
@@ -307,13 +309,18 @@ class DrmBroker(ListQueueBroker):
             while buffer:
                 await asyncio.shield(self._give_back(buffer.popleft()))
 
-    async def _take(self, count: int) -> tuple[list[Delivery], int | None]:
+    async def _take(self, count: int, wait_s: float = 0.0) -> tuple[list[Delivery], int | None]:
+        """Lease up to ``count`` jobs; with ``wait_s``, first wait that long at most for a job
+        to be enqueued (one round trip for both)."""
         self._take_counter += 1
         token = f"{self.worker_id}:{self._take_counter}"
+        args = (token, count, self.settings.lease_ms, self.settings.tenant_concurrency)
         call = asyncio.ensure_future(
-            self.queue.take(token, count, self.settings.lease_ms, self.settings.tenant_concurrency)
+            self.queue.wait_and_take(wait_s, *args) if wait_s else self.queue.take(*args)
         )
         try:
+            # Shielded: once Redis has leased jobs to this worker, they must reach _held (or be
+            # given back), even when the listener is cancelled meanwhile.
             deliveries, next_due = await asyncio.shield(call)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
@@ -325,14 +332,17 @@ class DrmBroker(ListQueueBroker):
             self._held[delivery.job_id] = delivery
         return deliveries, next_due
 
-    async def _idle(self, next_due: int | None) -> None:
+    async def _idle(self, next_due: int | None, count: int) -> list[Delivery]:
+        """Nothing to take: wait for a wake-up marker (at most 1 s, or until the next delayed
+        job is due) and take what it announces in the same round trip."""
         timeout = 1.0
         if next_due is not None:
             timeout = min(timeout, max((next_due - now_ms()) / 1000, 0.005))
         if timeout <= 0.01:
             await asyncio.sleep(timeout)
-            return
-        await self.queue.wait_for_work(timeout)
+            return []
+        deliveries, _ = await self._take(count, wait_s=timeout)
+        return deliveries
 
     async def _ack(self, delivery: Delivery) -> None:
         """taskiq's acknowledgement: apply the attempt's outcome atomically in Redis."""

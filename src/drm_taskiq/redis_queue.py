@@ -17,7 +17,7 @@ import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, ConnectionPool
 from redis.commands.core import AsyncScript
-from redis.exceptions import DataError
+from redis.exceptions import DataError, NoScriptError
 
 Outcome = Literal["completed", "retry", "failed", "requeue", "dead"]
 
@@ -274,11 +274,51 @@ class RedisQueue:
         """Lease up to ``count`` jobs, at most ``tenant_limit`` running per tenant (0 = no
         limit; per-tenant overrides in the limits hash); also returns when the next delayed
         job is due (ms)."""
-        k = self.keys
         raw, next_due = await self._scripts["take"](
-            keys=[k.wait, k.delayed, k.active, k.fair, k.marker, k.running, k.limits],
-            args=[now_ms(), lease_ms, token, count, k.job_prefix, tenant_limit],
+            keys=self._take_keys, args=self._take_args(token, count, lease_ms, tenant_limit)
         )
+        return self._deliveries(raw, next_due, token)
+
+    async def wait_and_take(
+        self, timeout_s: float, token: str, count: int, lease_ms: int, tenant_limit: int = 0
+    ) -> tuple[list[Delivery], int | None]:
+        """Wait for a wake-up marker (BLPOP), then :meth:`take`, in one round trip.
+
+        Redis runs the take as soon as the wait ends (a marker arrived, or the timeout passed),
+        so an idle worker starts a new job one round trip sooner than with two calls. The
+        take's "now" is the time the call was sent: a delayed job that fell due during the wait
+        is promoted by the next take, and the lease is at most ``timeout_s`` shorter."""
+        script = self._scripts["take"]
+        keys = self._take_keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command("BLPOP", self.keys.marker, max(timeout_s, 0.01))
+            pipe.execute_command(
+                "EVALSHA",
+                script.sha,
+                len(keys),
+                *keys,
+                *self._take_args(token, count, lease_ms, tenant_limit),
+            )
+            _, answer = await pipe.execute(raise_on_error=False)
+        if isinstance(answer, NoScriptError):  # the script cache was flushed (server restart)
+            return await self.take(token, count, lease_ms, tenant_limit)
+        if isinstance(answer, Exception):
+            raise answer
+        raw, next_due = answer
+        return self._deliveries(raw, next_due, token)
+
+    @property
+    def _take_keys(self) -> list[str]:
+        k = self.keys
+        return [k.wait, k.delayed, k.active, k.fair, k.marker, k.running, k.limits]
+
+    def _take_args(
+        self, token: str, count: int, lease_ms: int, tenant_limit: int
+    ) -> list[str | int]:
+        return [now_ms(), lease_ms, token, count, self.keys.job_prefix, tenant_limit]
+
+    @staticmethod
+    def _deliveries(raw: Any, next_due: Any, token: str) -> tuple[list[Delivery], int | None]:
         deliveries = [
             Delivery(
                 job_id=_text(raw[i]),
@@ -395,10 +435,6 @@ class RedisQueue:
             args=[job_id, message, *_flatten(fields)],
         )
         return bool(done)
-
-    async def wait_for_work(self, timeout_s: float) -> None:
-        """Block until a job may be ready (a marker arrives) or ``timeout_s`` passes."""
-        await self.redis.blpop([self.keys.marker], timeout=max(timeout_s, 0.01))
 
     async def job(self, job_id: str) -> dict[str, str] | None:
         """The job's hash, or None when the job is not (or no longer) in Redis."""

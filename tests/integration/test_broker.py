@@ -7,11 +7,20 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from drm_taskiq import JobScheduler
 from drm_taskiq.queue_broker import Batcher
-from drm_taskiq.redis_queue import Delivery, EnqueueRequest, Settlement, StalledJob, now_ms
+from drm_taskiq.redis_queue import (
+    Delivery,
+    EnqueueRequest,
+    RedisQueue,
+    Settlement,
+    StalledJob,
+    now_ms,
+)
 from tests.conftest import wait_for
+from tests.support.services import PrivateRedis
 
 pytestmark = pytest.mark.asyncio
 
@@ -462,3 +471,42 @@ async def test_batcher_never_leaves_a_caller_waiting() -> None:
     flusher.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(call, timeout=5)
+
+
+async def test_an_idle_worker_takes_a_new_job_in_the_call_that_waits_for_it(
+    client: JobScheduler, redis_client: Any
+) -> None:
+    """wait_and_take returns a job enqueued while it waits, leased, in the same call; without
+    a job it returns nothing after its timeout."""
+    queue = client.broker.queue
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await queue.wait_and_take(0.2, "w:1", 5, 30_000) == ([], None)
+    assert loop.time() - started >= 0.15  # it did wait
+    await redis_client.delete(queue.keys.marker)
+
+    waiting = asyncio.ensure_future(queue.wait_and_take(5, "w:2", 5, 30_000))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await queue.enqueue("j1", b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={})
+    deliveries, _ = await asyncio.wait_for(waiting, timeout=2)
+    assert [(d.job_id, d.message, d.token) for d in deliveries] == [("j1", b"{}", "w:2")]
+    assert await queue.counts() == {"waiting": 0, "delayed": 0, "active": 1}
+    assert await redis_client.hget(queue.keys.job("j1"), "token") == b"w:2"
+
+
+async def test_waiting_take_survives_a_redis_that_forgot_its_scripts() -> None:
+    """After SCRIPT FLUSH (as after a Redis restart) the waiting take loads its script again
+    (on a Redis of the test's own: the shared server's script cache is left alone)."""
+    server = PrivateRedis()
+    server.start()
+    redis = aioredis.Redis.from_url(server.url)
+    try:
+        queue = RedisQueue(redis, "drm-test", "q")
+        await queue.enqueue("j2", b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={})
+        await redis.script_flush()
+        deliveries, _ = await queue.wait_and_take(1, "w:3", 5, 30_000)
+        assert [d.job_id for d in deliveries] == ["j2"]
+    finally:
+        await redis.aclose()
+        server.cleanup()
