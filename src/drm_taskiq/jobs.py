@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import time
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
+from taskiq import TaskiqMessage
 from taskiq.exceptions import SendTaskError
 
 from drm_taskiq import redaction, schedules, store
@@ -29,6 +31,7 @@ from drm_taskiq.hooks import HookRegistry
 from drm_taskiq.options import (
     LABEL_DEDUP,
     LABEL_PRIORITY,
+    LABEL_RUN_TIMEOUT,
     JobOptions,
     JobStatus,
     check_id,
@@ -362,13 +365,21 @@ class JobScheduler:
             data: Any = None,
             tenant_id: str = "",
         ) -> Any:
-            definition = scheduler.jobs.get((plugin_id, job_name))
-            if definition is None:
-                raise UnknownJobError("job_name", f"{plugin_id}/{job_name} is not registered here")
             # Set by LifecycleMiddleware.pre_execute (cheaper than taskiq's dependency injection).
             message = current_message.get()
             if message is None:
                 raise RuntimeError("plugin jobs run in a drm-taskiq worker (DrmBroker)")
+            # Moved from taskiq's own timeout label by LifecycleMiddleware.pre_execute.
+            timeout = message.labels.get(LABEL_RUN_TIMEOUT)
+            if timeout is None:
+                return await run(message, data, tenant_id)
+            async with asyncio.timeout(float(timeout)):
+                return await run(message, data, tenant_id)
+
+        async def run(message: TaskiqMessage, data: Any, tenant_id: str) -> Any:
+            definition = scheduler.jobs.get((plugin_id, job_name))
+            if definition is None:
+                raise UnknownJobError("job_name", f"{plugin_id}/{job_name} is not registered here")
             job_id = message.task_id
             delivery = scheduler.broker.delivery(job_id)
             job = Job(

@@ -35,7 +35,11 @@ LABEL_BACKOFF_TYPE = "backoff_type"
 LABEL_BACKOFF_DELAY = "backoff_delay"  # milliseconds
 LABEL_BACKOFF_JITTER = "backoff_jitter"  # 0..1
 LABEL_BACKOFF_MAX = "backoff_max"  # milliseconds, 0 = no bound
-LABEL_TIMEOUT = "timeout"  # seconds: taskiq's receiver enforces this label
+LABEL_TIMEOUT = "timeout"  # seconds: taskiq's receiver enforces this label (see below)
+# A plugin job's timeout, moved here from LABEL_TIMEOUT by the worker's LifecycleMiddleware
+# before taskiq's receiver sees it: run_plugin_job enforces it with asyncio.timeout, which
+# costs a fraction of the anyio cancel scope taskiq opens for LABEL_TIMEOUT. Never sent.
+LABEL_RUN_TIMEOUT = "drm_run_timeout"
 LABEL_DEDUP = "dedup"  # "1"/"true": keep a dedup key for DRM_DEDUP_TTL_S; N > 1: N seconds
 LABEL_SCHEDULE = "schedule_id"
 

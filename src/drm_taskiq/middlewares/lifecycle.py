@@ -21,6 +21,7 @@ from drm_taskiq.options import (
     LABEL_JOB,
     LABEL_PLUGIN,
     LABEL_PRIORITY,
+    LABEL_RUN_TIMEOUT,
     LABEL_TENANT,
     LABEL_TIMEOUT,
     RetryOptions,
@@ -57,6 +58,8 @@ def _identity(message: TaskiqMessage) -> dict[str, Any]:
 
 
 def _returnvalue(value: Any) -> str:
+    if value is None:  # most jobs return nothing
+        return "null"
     try:
         json.dumps(value, allow_nan=False, default=str)
     except (TypeError, ValueError, RecursionError):
@@ -89,6 +92,11 @@ class LifecycleMiddleware(TaskiqMiddleware):
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         """Record the start and log ``job_started``."""
+        labels = message.labels
+        if LABEL_PLUGIN in labels and LABEL_TIMEOUT in labels:
+            # run_plugin_job enforces the timeout (asyncio.timeout); taskiq's receiver would
+            # wrap the call in an anyio cancel scope, several times as costly per job.
+            labels[LABEL_RUN_TIMEOUT] = labels.pop(LABEL_TIMEOUT)
         delivery = self.drm_broker.delivery(message.task_id)
         self.drm_broker.mark_started(message.task_id)
         current_message.set(message)
@@ -129,7 +137,8 @@ class LifecycleMiddleware(TaskiqMiddleware):
         job_log = log.bind(**_identity(message), attempt=attempt)
         error = result.error or RuntimeError("unknown error")
         extra: dict[str, Any] = {}
-        timeout_ms = int(float(message.labels.get(LABEL_TIMEOUT, 0)) * 1000)
+        labels = message.labels
+        timeout_ms = int(float(labels.get(LABEL_RUN_TIMEOUT, labels.get(LABEL_TIMEOUT, 0))) * 1000)
         if (
             isinstance(error, TimeoutError)
             and not isinstance(error, JobTimeoutError)
