@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ import structlog
 from redis.exceptions import ResponseError
 from taskiq import TaskiqResult
 
-from drm_taskiq.options import JobMetadata, ms_to_datetime
+from drm_taskiq.options import JobMetadata, ms_to_datetime, storable_json
 from drm_taskiq.redis_queue import LEDGER_GROUP, RedisQueue
 from drm_taskiq.settings import Settings, mask_url
 
@@ -76,10 +77,23 @@ def run_id(job_id: str, attempt: int, generation: int = 0, created_ms: int = 0) 
     ``generation`` counts manual retries of a failed job (each starts its attempts at 1 again);
     ``created_ms`` (when the job was enqueued) tells apart two jobs that reused one id.
     """
-    return uuid.uuid5(RUN_NAMESPACE, f"{job_id}:{created_ms}:{generation}:{attempt}")
+    return uuid.UUID(hex=run_id_hex(job_id, attempt, generation, created_ms))
 
 
-@dataclass(frozen=True, slots=True)
+_RUN_NAMESPACE_BYTES = RUN_NAMESPACE.bytes
+
+
+def run_id_hex(job_id: str, attempt: int, generation: int = 0, created_ms: int = 0) -> str:
+    """:func:`run_id` as 32 hexadecimal digits, as the ledger sends it to asyncpg: RFC 4122's
+    version-5 UUID (SHA-1 of namespace and name), without building a UUID object per row."""
+    name = f"{job_id}:{created_ms}:{generation}:{attempt}".encode()
+    digest = bytearray(hashlib.sha1(_RUN_NAMESPACE_BYTES + name, usedforsecurity=False).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    return digest[:16].hex()
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~4 us per entry
 class LedgerEntry:
     """One settled attempt, as the finish and stalled-check scripts wrote it."""
 
@@ -108,50 +122,44 @@ class LedgerEntry:
     def parse(cls, entry_id: str, raw: str) -> LedgerEntry:
         """Parse a stream entry's JSON."""
         body = json.loads(raw)
-        extra = body.get("extra") or "{}"
+        get = body.get
         at = ms_to_datetime(body["at"])
         assert at is not None
+        value = get("value") or ""
+        if type(value) is not str or not value.isascii() or "\x00" in value:
+            value = _clean(str(value))
+        extra = get("extra")
+        progress = get("progress")
+        message = get("msg")
+        ts = get("ts")
         return cls(
             entry_id=entry_id,
             job_id=str(body["id"]),
-            plugin_id=str(body.get("plugin") or ""),
-            tenant_id=str(body.get("tenant") or ""),
-            job_name=str(body.get("job") or ""),
+            plugin_id=str(get("plugin") or ""),
+            tenant_id=str(get("tenant") or ""),
+            job_name=str(get("job") or ""),
             attempt=int(body["attempt"]),
             status=str(body["status"]),
             state=str(body["state"]),
             final=bool(int(body["final"])),
             outcome=str(body["outcome"]),
-            value=_clean(str(body.get("value") or "")),
-            progress=body["progress"] if isinstance(body.get("progress"), str) else None,
-            created=ms_to_datetime(body.get("ts")) or at,
-            started=ms_to_datetime(body.get("started")),
+            value=value,
+            progress=progress if isinstance(progress, str) else None,
+            created=ms_to_datetime(ts) or at,
+            started=ms_to_datetime(get("started")),
             at=at,
             at_ms=str(body["at"]),
-            extra=json.loads(extra) if isinstance(extra, str) else dict(extra),
-            generation=int(body.get("gen") or 0),
-            created_ms=int(float(body.get("ts") or 0)),
-            message=body["msg"] if isinstance(body.get("msg"), str) else None,
+            extra=_extra(extra),
+            generation=int(get("gen") or 0),
+            created_ms=int(float(ts or 0)),
+            message=message if isinstance(message, str) else None,
         )
 
-    def metadata(self) -> JobMetadata:
-        """The JobMetadata stored in ``plugin_runs.result``."""
-        extra: dict[str, Any] = {"attempt": self.attempt, "state": self.state}
-        if self.generation:
-            extra["generation"] = self.generation
-        if self.started is not None:
-            extra["startedAt"] = self.started.isoformat()
-            extra["durationMs"] = int((self.at - self.started).total_seconds() * 1000)
-        if self.status == "success" and self.value:
-            extra["returnvalue"] = _json_or_text(self.value)
-        extra.update(self.extra)
-        return JobMetadata(
-            job_id=self.job_id,
-            job_name=self.job_name,
-            attempts_made=self.attempt,
-            timestamp=self.created,
-            extra=extra,
-        )
+
+def _extra(extra: Any) -> dict[str, Any]:
+    if not extra or extra == "{}":
+        return {}
+    return json.loads(extra) if isinstance(extra, str) else dict(extra)
 
 
 def _clean(text: str) -> str:
@@ -187,12 +195,12 @@ async def write_entries(
             continue
         runs.append(
             (
-                run_id(e.job_id, e.attempt, e.generation, e.created_ms),
+                run_id_hex(e.job_id, e.attempt, e.generation, e.created_ms),
                 e.plugin_id,
                 e.tenant_id,
                 f"job:{e.job_name}",
                 e.status,
-                e.metadata().to_json(),
+                _run_result(e),
                 None if e.status == "success" else e.value,
                 e.started or e.at,
             )
@@ -225,6 +233,29 @@ async def write_entries(
             await conn.execute(_UPSERT_RESULTS, columns[0], columns[13], [None for _ in finals])
 
 
+def _run_result(e: LedgerEntry) -> str:
+    """``plugin_runs.result``: the attempt's JobMetadata as JSON (the keys of
+    :meth:`JobMetadata.to_json`, plus attempt, state, timing, return value and extra)."""
+    body: dict[str, Any] = {
+        "jobId": e.job_id,
+        "jobName": e.job_name,
+        "attemptsMade": e.attempt,
+        "timestamp": e.created.isoformat(),
+        "attempt": e.attempt,
+        "state": e.state,
+    }
+    if e.generation:
+        body["generation"] = e.generation
+    if e.started is not None:
+        body["startedAt"] = e.started.isoformat()
+        body["durationMs"] = int((e.at - e.started).total_seconds() * 1000)
+    if e.status == "success" and e.value:
+        body["returnvalue"] = _json_or_text(e.value)
+    if e.extra:
+        body.update(e.extra)
+    return storable_json(body)
+
+
 def _taskiq_result(entry: LedgerEntry) -> bytes:
     failed = entry.state != "completed"
     execution_time = (
@@ -235,7 +266,9 @@ def _taskiq_result(entry: LedgerEntry) -> bytes:
             {
                 "is_err": False,
                 "log": None,
-                "return_value": _json_or_text(entry.value or "null"),
+                "return_value": (
+                    None if entry.value in ("", "null") else _json_or_text(entry.value)
+                ),
                 "execution_time": round(execution_time, 3),
                 "labels": {},
                 "error": None,
