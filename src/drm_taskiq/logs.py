@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import logging
@@ -89,39 +90,65 @@ def _mask_nested(value: Any) -> Any:
 class LoopBufferedLogger:
     """structlog's PrintLogger, written once per turn of the event loop instead of once per line.
 
-    Lines logged while an event loop runs go into the stream's buffer and are flushed by a
-    callback at the end of the loop's turn: a worker logs two lines per job, and a write system
-    call for each was a measurable share of its time. Without a running loop each line is
-    written at once. Python flushes ``sys.stderr`` when a process exits (taskiq's worker
-    processes too); a killed process loses at most the lines of its last turn.
+    Lines logged while an event loop runs are kept here and written together, in one write
+    and flush, by a callback at the end of the loop's turn: a worker logs two lines per job,
+    and a system call for each was a measurable share of its time (``PYTHONUNBUFFERED``, common
+    in containers, makes every write to stderr a system call). Without a running loop a line
+    is written at once, after what is pending. The standard library's log records go through
+    the same object (it is the handler's stream), so lines keep their order. What is pending is
+    written at exit (``atexit``, and multiprocessing's exit hook in taskiq's worker processes);
+    a killed process loses at most the lines of its last turn.
     """
+
+    MAX_PENDING = 512  # lines; written at once beyond that, even within one turn
 
     def __init__(self, file: TextIO) -> None:
         self._file = file
-        self._binary = getattr(file, "buffer", None)
+        self._pending: list[str] = []
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
+        atexit.register(self.flush)
+        self._register_process_exit()
+
+    def _register_process_exit(self) -> None:
+        """Forked worker processes leave through os._exit (no atexit); multiprocessing runs its
+        own finalizers first."""
+        with contextlib.suppress(Exception):
+            from multiprocessing import util  # noqa: PLC0415
+
+            util.Finalize(self, LoopBufferedLogger.flush, args=(self,), exitpriority=1)
 
     def msg(self, message: str) -> None:
-        """Write one line."""
+        """Log one line."""
+        self._pending.append(message)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None or self._binary is None:
-            self._file.write(message + "\n")
-            self._file.flush()
-            return
-        self._binary.write((message + "\n").encode("utf-8", "backslashreplace"))
-        if self._scheduled_on is not loop:
+        if loop is None or len(self._pending) >= self.MAX_PENDING:
+            self.flush()
+        elif self._scheduled_on is not loop:
             self._scheduled_on = loop
-            loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled_on = None
-        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
-            self._file.flush()
+            loop.call_soon(self.flush)
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+    def write(self, text: str) -> int:
+        """The stream interface, for the standard library's StreamHandler (whole records,
+        each ending with a newline)."""
+        if text:
+            self.msg(text.removesuffix("\n"))
+        return len(text)
+
+    def flush(self) -> None:
+        """Write what is pending."""
+        self._scheduled_on = None
+        if not self._pending:
+            return
+        text = "\n".join(self._pending) + "\n"
+        self._pending.clear()
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
+            self._file.write(text)
+            self._file.flush()
 
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
@@ -143,13 +170,14 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         if log_format == "console"
         else [structlog.contextvars.merge_contextvars, _render_json]
     )
+    output = LoopBufferedLogger(sys.stderr)
     structlog.configure(
         processors=chain,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=_shared(LoopBufferedLogger(sys.stderr)),
+        logger_factory=_shared(output),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.StreamHandler[Any] = logging.StreamHandler(output)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,

@@ -93,9 +93,9 @@ def test_json_line_has_what_structlog_processors_would_write(
 
 
 def test_lines_of_one_loop_turn_are_written_together_and_in_order() -> None:
-    """Inside an event loop, lines wait in the stream's buffer until the end of the loop's turn
-    (one write for all of them), in the order they were logged, stdlib lines included; outside
-    a loop each line is written at once."""
+    """Inside an event loop, lines are written together at the end of the loop's turn (one
+    write), in the order they were logged, standard-library records included; outside a loop
+    each line is written at once; what is pending at exit is written."""
     import asyncio
     import io
 
@@ -109,7 +109,8 @@ def test_lines_of_one_loop_turn_are_written_together_and_in_order() -> None:
             writes.append(bytes(data))
             return len(data)
 
-    stream = io.TextIOWrapper(io.BufferedWriter(File()), encoding="utf-8", line_buffering=True)
+    # unbuffered, as with PYTHONUNBUFFERED=1: every write to the stream is a system call
+    stream = io.TextIOWrapper(File(), encoding="utf-8", write_through=True)  # type: ignore[arg-type]
     logger = LoopBufferedLogger(stream)
     logger.msg("outside a loop")
     assert writes == [b"outside a loop\n"]
@@ -117,13 +118,61 @@ def test_lines_of_one_loop_turn_are_written_together_and_in_order() -> None:
     async def turn() -> None:
         logger.msg("one")
         logger.msg("two")
-        stream.write("stdlib line\n")  # a line-buffered text write flushes what is pending
+        logger.write("stdlib record\n")  # logging.StreamHandler(logger)
         logger.msg("three")
-        assert writes[-1].endswith(b"stdlib line\n")
+        assert len(writes) == 1  # nothing written during the turn
         await asyncio.sleep(0)
         await asyncio.sleep(0)
+        assert writes[1:] == [b"one\ntwo\nstdlib record\nthree\n"]
+        logger.msg("pending when the process exits")
 
-    writes.clear()
     asyncio.run(turn())
-    assert b"".join(writes) == b"one\ntwo\nstdlib line\nthree\n"
-    assert writes[-1] == b"three\n"
+    logger.flush()  # what atexit / multiprocessing's exit hook call
+    assert writes[2:] == [b"pending when the process exits\n"]
+
+
+_LAST_LINE_SCRIPT = """
+import asyncio, multiprocessing, sys
+import structlog
+from drm_taskiq.logs import configure_logging
+
+def log_last(where):
+    # the loop stops at the end of this turn, before the turn that would write the line
+    loop = asyncio.new_event_loop()
+
+    def last():
+        structlog.get_logger().info("last_line", where=where)
+        loop.stop()
+
+    loop.call_soon(last)
+    loop.run_forever()
+
+def child():
+    configure_logging("json", "INFO")
+    log_last("forked worker")
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join()
+    configure_logging("json", "INFO")
+    log_last("main process")
+"""
+
+
+def test_lines_pending_at_exit_are_written(tmp_path: Any) -> None:
+    """A line logged in a loop's last turn is written when the process exits, also in a forked
+    worker process (taskiq's), which leaves through os._exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "last.py"
+    script.write_text(_LAST_LINE_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(x) for x in done.stderr.splitlines() if x.startswith("{")]
+    assert [x["where"] for x in lines if x["event"] == "last_line"] == [
+        "forked worker",
+        "main process",
+    ]
