@@ -6,9 +6,7 @@
 --       8.. field/value pairs for the hash
 -- (add_job() and wake() come from add_job.lua, vtime() from fair.lua.)
 -- Returns what add_job() returns.
-local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 local r = add_job(ARGV[1], KEYS[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), fields)
+  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV, 8)
 if r[1] == 1 then wake(ARGV[1], r[2] == 'waiting', r[2] == 'delayed') end
 return r

@@ -11,7 +11,7 @@ local out = {}
 local waiting, delayed = false, false
 for i, job in ipairs(cjson.decode(ARGV[3])) do
   local r = add_job(base, KEYS[i], job[1], now, tonumber(job[2]), tonumber(job[3]),
-    tonumber(job[4]), tonumber(job[5]), job[6])
+    tonumber(job[4]), tonumber(job[5]), job[6], 1)
   if r[1] == 1 then
     if r[2] == 'waiting' then waiting = true else delayed = true end
   end
