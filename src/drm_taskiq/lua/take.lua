@@ -6,20 +6,36 @@
 --       6 default running limit per tenant (0 = none)
 -- (vtime() comes from fair.lua.)
 -- Returns {{id, msg, attempts, stalled, created ts, ...}, next delayed due time (ms) or false}
+-- The sorted-set and per-tenant counter updates are batched: one ZADD/ZREM per key and one
+-- HINCRBY per tenant, after the per-job loop (the script reads none of them in between: the
+-- running counts of limited tenants are read once and kept up to date here).
 local now = tonumber(ARGV[1])
 local prefix = ARGV[5]
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
-for _, id in ipairs(due) do
-  local jk = prefix .. id
-  local f = redis.call('HMGET', jk, 'pri', 'tenant')
-  local pri = tonumber(f[1])
-  if pri then
-    local seq = vtime(KEYS[4], f[2] or '')
-    redis.call('ZADD', KEYS[1], pri * 4294967296 + seq % 4294967296, id)
-    redis.call('HSET', jk, 'state', 'waiting', 'seq', seq)
-    redis.call('HDEL', jk, 'due')
+
+-- One command per up to 1000 items (Lua's unpack() has a stack limit).
+local function batched(cmd, key, items)
+  for i = 1, #items, 1000 do
+    redis.call(cmd, key, unpack(items, i, math.min(i + 999, #items)))
   end
-  redis.call('ZREM', KEYS[2], id)
+end
+
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
+if #due > 0 then
+  local promoted = {}
+  for _, id in ipairs(due) do
+    local jk = prefix .. id
+    local f = redis.call('HMGET', jk, 'pri', 'tenant')
+    local pri = tonumber(f[1])
+    if pri then
+      local seq = vtime(KEYS[4], f[2] or '')
+      promoted[#promoted + 1] = pri * 4294967296 + seq % 4294967296
+      promoted[#promoted + 1] = id
+      redis.call('HSET', jk, 'state', 'waiting', 'seq', seq)
+      redis.call('HDEL', jk, 'due')
+    end
+  end
+  batched('ZADD', KEYS[1], promoted)
+  batched('ZREM', KEYS[2], due)
 end
 
 local out = {}
@@ -37,6 +53,12 @@ end
 local deadline = now + tonumber(ARGV[2])
 local floor = tonumber(redis.call('HGET', KEYS[4], '~floor') or '0')
 local taken = 0
+local removed = {}   -- ids to remove from waiting (limited: the ones not skipped)
+local leased = {}    -- deadline, id pairs for the active set
+local tenants = {}   -- tenants with leased jobs, in first-lease order
+local added = {}     -- tenant -> jobs leased to it in this call
+local limits = {}    -- tenant -> running limit (limited)
+local running = {}   -- tenant -> jobs running, this call's leases included (limited)
 for _, id in ipairs(candidates) do
   if taken >= max then break end
   local jk = prefix .. id
@@ -44,18 +66,31 @@ for _, id in ipairs(candidates) do
   local tenant = f[5] or ''
   local allowed = true
   if limited then
-    local limit = tonumber(redis.call('HGET', KEYS[7], tenant) or default_limit)
-    if limit > 0 and tonumber(redis.call('HGET', KEYS[6], tenant) or '0') >= limit then
-      allowed = false
-    else
-      redis.call('ZREM', KEYS[1], id)
+    local limit = limits[tenant]
+    if limit == nil then
+      limit = tonumber(redis.call('HGET', KEYS[7], tenant) or default_limit)
+      limits[tenant] = limit
     end
+    if limit > 0 then
+      if running[tenant] == nil then
+        running[tenant] = tonumber(redis.call('HGET', KEYS[6], tenant) or '0')
+      end
+      if running[tenant] >= limit then allowed = false end
+    end
+    if allowed then removed[#removed + 1] = id end
   end
   if allowed then
     if f[1] then
-      redis.call('ZADD', KEYS[3], deadline, id)
+      leased[#leased + 1] = deadline
+      leased[#leased + 1] = id
       redis.call('HSET', jk, 'state', 'active', 'token', ARGV[3], 'processed', ARGV[1])
-      redis.call('HINCRBY', KEYS[6], tenant, 1)
+      if added[tenant] == nil then
+        tenants[#tenants + 1] = tenant
+        added[tenant] = 1
+      else
+        added[tenant] = added[tenant] + 1
+      end
+      if running[tenant] ~= nil then running[tenant] = running[tenant] + 1 end
       floor = math.max(floor, tonumber(f[6] or '0'))
       out[#out + 1] = id
       out[#out + 1] = f[1]
@@ -65,6 +100,11 @@ for _, id in ipairs(candidates) do
       taken = taken + 1
     end
   end
+end
+batched('ZREM', KEYS[1], removed)
+batched('ZADD', KEYS[3], leased)
+for _, tenant in ipairs(tenants) do
+  redis.call('HINCRBY', KEYS[6], tenant, added[tenant])
 end
 redis.call('HSET', KEYS[4], '~floor', floor)
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
