@@ -7,6 +7,9 @@
 -- Returns {1, "waiting"|"delayed"} for a new job, {0, state} when the id exists (nothing is
 -- changed; {0, "finished"} when only its dedup key is left), {-1, count} when the tenant is
 -- over its rate limit (nothing is written but the counter). The caller pushes the wake-up marker.
+-- now and pri may be the decimal strings the caller was given: they are written as they are
+-- (a number passed to redis.call is formatted with "%.17g" first, a cost on every job) and
+-- Lua turns them into numbers where it computes with them.
 -- It runs once per job: one HSET writes the job hash.
 local function add_job(base, jk, id, now, delay, pri, dedup_ttl, limit, fields, first)
   local state = redis.call('HGET', jk, 'state')
@@ -35,14 +38,14 @@ local function add_job(base, jk, id, now, delay, pri, dedup_ttl, limit, fields, 
   -- stalled and pri. state and due/seq win over them: written again if the fields name one.
   if delay > 0 then
     local due = now + delay
-    redis.call('HSET', jk, 'ts', now, 'attempts', 0, 'stalled', 0, 'pri', pri,
+    redis.call('HSET', jk, 'ts', now, 'attempts', '0', 'stalled', '0', 'pri', pri,
       'state', 'delayed', 'due', due, unpack(fields, first))
     if clash then redis.call('HSET', jk, 'state', 'delayed', 'due', due) end
     redis.call('ZADD', base .. ':delayed', due, id)
     return {1, 'delayed'}
   end
   local seq = vtime(base .. ':fair', tenant)
-  redis.call('HSET', jk, 'ts', now, 'attempts', 0, 'stalled', 0, 'pri', pri,
+  redis.call('HSET', jk, 'ts', now, 'attempts', '0', 'stalled', '0', 'pri', pri,
     'state', 'waiting', 'seq', seq, unpack(fields, first))
   if clash then redis.call('HSET', jk, 'state', 'waiting', 'seq', seq) end
   redis.call('ZADD', base .. ':wait', pri * 4294967296 + seq % 4294967296, id)
@@ -56,5 +59,5 @@ local function wake(base, waiting, delayed)
   local length = 0
   if waiting then length = redis.call('LPUSH', marker, '1') end
   if delayed then length = redis.call('LPUSH', marker, '0') end
-  if length > 1000 then redis.call('LTRIM', marker, 0, 999) end
+  if length > 1000 then redis.call('LTRIM', marker, '0', '999') end
 end

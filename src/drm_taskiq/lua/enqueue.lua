@@ -5,8 +5,8 @@
 --       6 dedup ttl (ms, 0 = none), 7 the tenant's enqueue limit per second (0 = none),
 --       8.. field/value pairs for the hash
 -- (add_job() and wake() come from add_job.lua, vtime() from fair.lua.)
--- Returns what add_job() returns.
-local r = add_job(ARGV[1], KEYS[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV, 8)
+-- Returns what add_job() returns. (now and priority go to add_job() as the strings sent.)
+local r = add_job(ARGV[1], KEYS[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],
+  tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV, 8)
 if r[1] == 1 then wake(ARGV[1], r[2] == 'waiting', r[2] == 'delayed') end
 return r

@@ -6,7 +6,7 @@
 -- (add_job() and wake() come from add_job.lua, vtime() from fair.lua.)
 -- Returns a flat array: code, state for each job (see add_job()).
 local base = ARGV[1]
-local now = tonumber(ARGV[2])
+local now = ARGV[2]  -- the string (see add_job.lua)
 local out = {}
 local waiting, delayed = false, false
 for i, job in ipairs(cjson.decode(ARGV[3])) do
