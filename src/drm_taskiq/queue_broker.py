@@ -102,6 +102,7 @@ class DrmBroker(ListQueueBroker):
         self._background: list[asyncio.Task[None]] = []
         self._started_up = False
         self._take_counter = 0
+        self._acking = 0  # jobs between the start of their acknowledgement and its answer
         self._pruned_at = float("-inf")
         self._acks: Batcher[Settlement, int] = Batcher(
             self._finish_batch,
@@ -255,12 +256,18 @@ class DrmBroker(ListQueueBroker):
         outage_since: float | None = None
         failures = 0
         limit = self.settings.worker_concurrency
+        # Take in batches of at least half a batch while jobs are running (one take.lua call
+        # serves many jobs), but at once when nothing runs.
+        refill = max(1, min(self.settings.take_batch, limit) // 2)
         try:
             while not self._closing:
                 _raise_if_cancelled()
                 if not buffer:
-                    free = limit - len(self._held)
-                    if free <= 0:
+                    # Jobs whose handler has finished and whose acknowledgement is being sent no
+                    # longer take a slot: the next jobs are leased meanwhile.
+                    busy = len(self._held) - self._acking
+                    free = limit - busy
+                    if free <= 0 or (free < refill and busy > 0):
                         self._capacity.clear()
                         await self._capacity.wait()
                         continue
@@ -348,20 +355,26 @@ class DrmBroker(ListQueueBroker):
         """taskiq's acknowledgement: apply the attempt's outcome atomically in Redis."""
         if delivery.job_id not in self._held:
             return  # given back at shutdown: the job is already waiting again
+        self._acking += 1
+        self._capacity.set()
+        try:
+            await self._settle(delivery)
+        finally:
+            self._acking -= 1
+            self._release(delivery.job_id)
+
+    async def _settle(self, delivery: Delivery) -> None:
         pending = self._outcomes.pop(delivery.job_id, None)
         if pending is None:
             pending = PendingOutcome(
                 "dead", value="message could not be decoded or its task is not registered"
             )
             log.error("job_dead_lettered", job_id=delivery.job_id, reason=pending.value)
-        try:
-            settled = await self._finish_with_retry(delivery, pending)
-            if not settled:
-                log.warning("job_lease_lost", job_id=delivery.job_id, outcome=pending.outcome)
-            elif settled == CIRCUIT_OPENED:
-                await self._circuit_opened(delivery.job_id)
-        finally:
-            self._release(delivery.job_id)
+        settled = await self._finish_with_retry(delivery, pending)
+        if not settled:
+            log.warning("job_lease_lost", job_id=delivery.job_id, outcome=pending.outcome)
+        elif settled == CIRCUIT_OPENED:
+            await self._circuit_opened(delivery.job_id)
 
     async def _circuit_opened(self, job_id: str) -> None:
         raw = await self.queue.job(job_id) or {}

@@ -510,3 +510,44 @@ async def test_waiting_take_survives_a_redis_that_forgot_its_scripts() -> None:
     finally:
         await redis.aclose()
         server.cleanup()
+
+
+async def test_jobs_are_leased_while_acknowledgements_are_in_flight(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A job whose handler has finished no longer takes a slot while its acknowledgement is on
+    its way: with WORKER_CONCURRENCY=2 and acknowledgements held up for 0.5 s, the next jobs
+    start meanwhile; at most 2 handlers still run at once."""
+    starts: list[float] = []
+    running = peak = 0
+
+    async def work(ctx: Any, job: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        starts.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.01)
+        running -= 1
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    for i in range(6):
+        await client.add_job("testp", "w", i, tenant_id=tenant)
+    handle = await start_worker(setup, worker_concurrency=2, take_batch=2)
+    broker = handle.broker
+    send = broker._finish_batch
+    acked: list[float] = []
+
+    async def slow_finish(batch: list[Settlement]) -> list[int]:
+        await asyncio.sleep(0.5)
+        acked.append(asyncio.get_running_loop().time())
+        return await send(batch)
+
+    broker._acks._send = slow_finish  # type: ignore[method-assign]
+    await wait_for(lambda: db.fetchval("SELECT count(*) = 6 FROM jobs"), timeout=30)
+    assert len(starts) == 6
+    assert peak <= 2
+    # jobs 3-6 started before the first acknowledgement came back
+    assert sorted(starts)[5] < min(acked)
