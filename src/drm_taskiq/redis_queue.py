@@ -205,19 +205,43 @@ class RedisQueue:
         self._kept_busy = False
 
     def _enqueue_call(self, request: EnqueueRequest, now: int) -> tuple[list[str], list[Any]]:
+        return self._enqueue_args(
+            request.job_id,
+            request.message,
+            now,
+            delay_ms=request.delay_ms,
+            priority=request.priority,
+            dedup_ttl_ms=request.dedup_ttl_ms,
+            rate_limit=request.rate_limit,
+            fields=request.fields,
+        )
+
+    def _enqueue_args(
+        self,
+        job_id: str,
+        message: bytes,
+        now: int,
+        *,
+        delay_ms: int,
+        priority: int,
+        dedup_ttl_ms: int,
+        rate_limit: int,
+        fields: dict[str, str],
+    ) -> tuple[list[str], list[Any]]:
+        """enqueue.lua's keys and arguments."""
         args: list[Any] = [
             self.keys.base,
-            request.job_id,
+            job_id,
             now,
-            request.delay_ms,
-            request.priority,
-            request.dedup_ttl_ms,
-            request.rate_limit,
+            delay_ms,
+            priority,
+            dedup_ttl_ms,
+            rate_limit,
             "msg",
-            request.message,
-            *_flatten(request.fields),
+            message,
+            *_flatten(fields),
         ]
-        return [self.keys.job(request.job_id)], args
+        return [self.keys.job(job_id)], args
 
     async def enqueue(
         self,
@@ -232,10 +256,16 @@ class RedisQueue:
     ) -> tuple[int, str]:
         """Add a job: ``(1, state)`` when added, ``(0, state)`` when a job with this id exists
         (nothing is changed), ``(-1, count)`` when the tenant is over ``rate_limit`` per second."""
-        request = EnqueueRequest(
-            job_id, message, priority, delay_ms, dedup_ttl_ms, fields, rate_limit
+        keys, args = self._enqueue_args(
+            job_id,
+            message,
+            now_ms(),
+            delay_ms=delay_ms,
+            priority=priority,
+            dedup_ttl_ms=dedup_ttl_ms,
+            rate_limit=rate_limit,
+            fields=fields,
         )
-        keys, args = self._enqueue_call(request, now_ms())
         created, state = await self._run_enqueue(keys, args)
         return int(created), _text(state)
 
