@@ -175,7 +175,7 @@ class QueueKeys:
         return f"{self.base}:stalled-check"
 
 
-_WITH_FAIR = frozenset({"enqueue", "enqueue_many", "take", "retry"})  # use fair.lua's vtime()
+_WITH_FAIR = frozenset({"take", "retry"})  # use fair.lua's vtime() (add_job.lua has its own)
 _WITH_ADD_JOB = frozenset({"enqueue", "enqueue_many"})  # use add_job.lua
 
 

@@ -1,5 +1,4 @@
--- add_job(): shared by enqueue.lua and enqueue_many.lua (redis_queue.py prepends it, after
--- fair.lua, whose vtime() it uses).
+-- add_job(): shared by enqueue.lua and enqueue_many.lua (redis_queue.py prepends it).
 -- base: the queue's key base ("{prefix:queue}"); the other keys share its hash tag:
 --   base:wait, base:delayed, base:fair, base:dedup:<id>, base:rate:<tenant>:<second>
 -- fields: an array holding the hash's field/value pairs from index `first` on (enqueue.lua
@@ -44,7 +43,13 @@ local function add_job(base, jk, id, now, delay, pri, dedup_ttl, limit, fields, 
     redis.call('ZADD', base .. ':delayed', due, id)
     return {1, 'delayed'}
   end
-  local seq = vtime(base .. ':fair', tenant)
+  -- The job's place among its tenant's: fair.lua's vtime() (start-time fair queuing), with
+  -- one HMGET for the tenant's last value and the floor (each redis.call costs Redis a few
+  -- microseconds when it runs once per job)
+  local fair = base .. ':fair'
+  local clock = redis.call('HMGET', fair, tenant, '~floor')
+  local seq = math.max(tonumber(clock[1] or '0'), tonumber(clock[2] or '0')) + 1
+  redis.call('HSET', fair, tenant, seq)
   redis.call('HSET', jk, 'ts', now, 'attempts', '0', 'stalled', '0', 'pri', pri,
     'state', 'waiting', 'seq', seq, unpack(fields, first))
   if clash then redis.call('HSET', jk, 'state', 'waiting', 'seq', seq) end

@@ -4,7 +4,7 @@
 -- ARGV: 1 key base ("{prefix:queue}"), 2 job id, 3 now (ms), 4 delay (ms), 5 priority,
 --       6 dedup ttl (ms, 0 = none), 7 the tenant's enqueue limit per second (0 = none),
 --       8.. field/value pairs for the hash
--- (add_job() and wake() come from add_job.lua, vtime() from fair.lua.)
+-- (add_job() and wake() come from add_job.lua.)
 -- Returns what add_job() returns. (now and priority go to add_job() as the strings sent.)
 local r = add_job(ARGV[1], KEYS[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5],
   tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV, 8)

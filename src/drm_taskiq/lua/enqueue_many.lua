@@ -3,7 +3,7 @@
 -- KEYS: the job hashes, in the order of ARGV[3]
 -- ARGV: 1 key base ("{prefix:queue}"), 2 now (ms), 3 a JSON array with, per job:
 --       [id, delay (ms), priority, dedup ttl (ms), rate limit per second, [field, value, ...]]
--- (add_job() and wake() come from add_job.lua, vtime() from fair.lua.)
+-- (add_job() and wake() come from add_job.lua.)
 -- Returns a flat array: code, state for each job (see add_job()).
 local base = ARGV[1]
 local now = ARGV[2]  -- the string (see add_job.lua)
