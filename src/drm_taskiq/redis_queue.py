@@ -280,21 +280,22 @@ class RedisQueue:
         (concurrent producers), calls take pool connections as before; after an error it goes
         back to the pool."""
         script = self._scripts["enqueue"]
-        pool = self.redis.connection_pool
         kept = self._kept
-        if kept is None:
-            if self._kept_busy:
-                return await script(keys=keys, args=args)
-            connection = await pool.get_connection(*_GET_CONNECTION_ARGS)  # type: ignore[no-untyped-call]
-            kept = _KeptConnection(self.redis, connection)
+        if kept is None and self._kept_busy:
+            return await script(keys=keys, args=args)
+        pool = self.redis.connection_pool
         self._kept, self._kept_busy = None, True
         try:
+            if kept is None:
+                connection = await pool.get_connection(*_GET_CONNECTION_ARGS)  # type: ignore[no-untyped-call]
+                kept = _KeptConnection(self.redis, connection)
             await pool.ensure_connection(kept.connection)
             # AsyncScript takes any client with evalsha and script_load (it is given pipelines)
             reply = await script(keys=keys, args=args, client=kept)  # type: ignore[arg-type]
         except BaseException:
             self._kept_busy = False
-            await pool.release(kept.connection)
+            if kept is not None:
+                await pool.release(kept.connection)
             raise
         self._kept, self._kept_busy = kept, False
         return reply
@@ -593,7 +594,7 @@ async def _send(connection: Connection, command: list[bytes]) -> None:
         raise RedisTimeoutError("Timeout writing to socket") from None
     except OSError as exc:
         await connection.disconnect(nowait=True)
-        number, text = ("UNKNOWN", exc.args[0]) if len(exc.args) == 1 else exc.args[:2]
+        number, text = exc.args if len(exc.args) == 2 else ("UNKNOWN", exc)
         raise RedisConnectionError(f"Error {number} while writing to socket. {text}.") from exc
     except BaseException:
         await connection.disconnect(nowait=True)
