@@ -175,7 +175,8 @@ class QueueKeys:
         return f"{self.base}:stalled-check"
 
 
-_WITH_FAIR = frozenset({"take", "retry"})  # use fair.lua's vtime() (add_job.lua has its own)
+# use fair.lua's vtime() (add_job.lua does)
+_WITH_FAIR = frozenset({"take", "retry", "enqueue", "enqueue_many"})
 _WITH_ADD_JOB = frozenset({"enqueue", "enqueue_many"})  # use add_job.lua
 
 
@@ -581,7 +582,8 @@ async def _send(connection: Connection, command: list[bytes]) -> None:
     write in a task of its own (one more turn of the event loop: about 14 us of CPU per job);
     ``asyncio.timeout`` bounds it by the same socket timeout. The same errors, and the same
     disconnect after one, as redis-py's."""
-    writer = connection._writer
+    # redis-py's private stream writer (5.x-8.x); anything else falls back to its own send
+    writer = getattr(connection, "_writer", None)
     if writer is None or not connection.is_connected or connection.health_check_interval:
         await connection.send_packed_command(command)  # connects first, or checks health
         return

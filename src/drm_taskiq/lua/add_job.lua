@@ -43,13 +43,7 @@ local function add_job(base, jk, id, now, delay, pri, dedup_ttl, limit, fields, 
     redis.call('ZADD', base .. ':delayed', due, id)
     return {1, 'delayed'}
   end
-  -- The job's place among its tenant's: fair.lua's vtime() (start-time fair queuing), with
-  -- one HMGET for the tenant's last value and the floor (each redis.call costs Redis a few
-  -- microseconds when it runs once per job)
-  local fair = base .. ':fair'
-  local clock = redis.call('HMGET', fair, tenant, '~floor')
-  local seq = math.max(tonumber(clock[1] or '0'), tonumber(clock[2] or '0')) + 1
-  redis.call('HSET', fair, tenant, seq)
+  local seq = vtime(base .. ':fair', tenant)
   redis.call('HSET', jk, 'ts', now, 'attempts', '0', 'stalled', '0', 'pri', pri,
     'state', 'waiting', 'seq', seq, unpack(fields, first))
   if clash then redis.call('HSET', jk, 'state', 'waiting', 'seq', seq) end
