@@ -70,6 +70,61 @@ AREAS: list[tuple[str, str]] = [
 ]
 
 
+# A partition of the worker's samples (each sample counts once, for the first rule any frame of
+# its stack matches): where each job's CPU goes, for the "what is shared with plain taskiq"
+# arithmetic of docs/performance.md. Samples matching none are taskiq's receiver and asyncio.
+PARTS: list[tuple[str, str]] = [
+    ("run ledger (stream -> PostgreSQL rows -> settle)", r"drm_taskiq/runlog\.py:"),
+    (
+        "fetching jobs (plain: BRPOP per job; drm: take.lua, wake-ups)",
+        r"redis_broker\.py:ListQueueBroker\.listen|queue_broker\.py:DrmBroker\.(listen|_take|_idle)"
+        r"|redis_queue\.py:RedisQueue\.(take|wait_and_take)",
+    ),
+    (
+        "acknowledgements (finish.lua, batched)",
+        r"queue_broker\.py:(DrmBroker\._(ack|settle|finish|release)|Batcher\.)",
+    ),
+    ("lease renewal, stalled check", r"queue_broker\.py:DrmBroker\._(renew_leases|check_stalled)"),
+    (
+        "drm per job: lifecycle middleware, log lines, run_plugin_job, job context",
+        r"drm_taskiq/(middlewares/|jobs\.py|context\.py|logs\.py)|^structlog/",
+    ),
+    ("redis-py / asyncpg elsewhere", r"^(redis|asyncpg)/"),
+]
+
+
+def partition(path: Path, cpu_us_per_job: float | None = None) -> list[dict[str, Any]]:
+    """Each sample of a collapsed-stack profile in exactly one of :data:`PARTS` (or "taskiq
+    receiver, asyncio and the rest"), as shares and, with ``cpu_us_per_job``, us per job."""
+    rules = [(name, re.compile(rx)) for name, rx in PARTS]
+    rest = "taskiq receiver, asyncio and the rest"
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text("utf-8", errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        keys = [
+            f"{file}:{func}" for func, file in map(_parse_frame, stack.split(";") if stack else [])
+        ]
+        count = int(count_text)
+        total += count
+        for name, rule in rules:
+            if any(rule.search(k) for k in keys):
+                counts[name] += count
+                break
+        else:
+            counts[rest] += count
+    out = []
+    for name in [*(n for n, _ in PARTS), rest]:
+        if counts[name]:
+            item: dict[str, Any] = {"part": name, "pct": round(100 * counts[name] / total, 1)}
+            if cpu_us_per_job:
+                item["us_per_job"] = round(cpu_us_per_job * counts[name] / total)
+            out.append(item)
+    return out
+
+
 def _parse_frame(frame: str) -> tuple[str, str]:
     match = _FRAME.match(frame.strip())
     if not match:
@@ -157,6 +212,7 @@ def summarize(
             {"frame": k, "pct": pct(v)} for k, v in incl_counts.most_common(top + 10)
         ],
         "areas": areas,
+        "partition": partition(path, cpu_us_per_job) if focus is None else [],
     }
 
 

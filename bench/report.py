@@ -337,6 +337,12 @@ def render_markdown(results: dict[str, Any]) -> str:
             label = a["area"].replace("  ", "&nbsp;&nbsp;")
             parts.append(f"| {label} | {a['pct']}% | {a.get('us_per_job', DASH)} |")
         parts.append("")
+        if prof.get("partition"):
+            parts.append("| where each job's CPU goes (each sample once) | share | us per job |")
+            parts.append("|---|---:|---:|")
+            for a in prof["partition"]:
+                parts.append(f"| {a['part']} | {a['pct']}% | {a.get('us_per_job', DASH)} |")
+            parts.append("")
         parts.append(
             "top self: "
             + ", ".join(f"{f['frame']} {f['pct']}%" for f in prof.get("self_top", [])[:10])
