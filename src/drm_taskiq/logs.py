@@ -88,19 +88,21 @@ def _mask_nested(value: Any) -> Any:
 
 
 class LoopBufferedLogger:
-    """structlog's PrintLogger, written once per turn of the event loop instead of once per line.
+    """structlog's PrintLogger, written in batches: at most ``FLUSH_AFTER_S`` after a line.
 
     Lines logged while an event loop runs are kept here and written together, in one write
-    and flush, by a callback at the end of the loop's turn: a worker logs two lines per job,
-    and a system call for each was a measurable share of its time (``PYTHONUNBUFFERED``, common
-    in containers, makes every write to stderr a system call). Without a running loop a line
-    is written at once, after what is pending. The standard library's log records go through
-    the same object (it is the handler's stream), so lines keep their order. What is pending is
-    written at exit (``atexit``, and multiprocessing's exit hook in taskiq's worker processes);
-    a killed process loses at most the lines of its last turn.
+    and flush, by a timer of the loop ``FLUSH_AFTER_S`` after the first of them: a worker logs
+    two lines per job and a producer one, and a system call for each was a measurable share of
+    their time (``PYTHONUNBUFFERED``, common in containers, makes every write to stderr a system
+    call). Without a running loop a line is written at once, after what is pending. The
+    standard library's log records go through the same object (it is the handler's stream), so
+    lines keep their order. What is pending is written at exit (``atexit``, and
+    multiprocessing's exit hook in taskiq's worker processes); a killed process loses at most
+    the lines of its last ``FLUSH_AFTER_S``.
     """
 
-    MAX_PENDING = 512  # lines; written at once beyond that, even within one turn
+    FLUSH_AFTER_S = 0.005
+    MAX_PENDING = 512  # lines; written at once beyond that
 
     def __init__(self, file: TextIO) -> None:
         self._file = file
@@ -128,7 +130,7 @@ class LoopBufferedLogger:
             self.flush()
         elif self._scheduled_on is not loop:
             self._scheduled_on = loop
-            loop.call_soon(self.flush)
+            loop.call_later(self.FLUSH_AFTER_S, self.flush)
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
