@@ -36,9 +36,13 @@ def mask_secrets(text: str) -> str:
 def _drop_secrets(
     _: Any, __: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
-    for key, value in list(event_dict.items()):
+    # mask_secrets() only for strings it could change: a URL, a "key=value", or any string
+    # while plugin config secrets are remembered (replacing values keeps the dict's size).
+    secrets = redaction.active()
+    for key, value in event_dict.items():
         if isinstance(value, str):
-            event_dict[key] = mask_secrets(value)
+            if secrets or "://" in value or "=" in value:
+                event_dict[key] = mask_secrets(value)
         elif isinstance(value, (dict, list)):
             event_dict[key] = _mask_nested(value)
     return event_dict
@@ -54,14 +58,7 @@ def _render_json(logger: Any, method_name: str, event_dict: structlog.typing.Eve
     event_dict = _STAMP(logger, method_name, event_dict)
     if "exc_info" in event_dict:
         event_dict = structlog.processors.format_exc_info(logger, method_name, event_dict)
-    secrets = redaction.active()
-    for key, value in event_dict.items():
-        if type(value) is str:
-            if secrets or "://" in value or "=" in value:
-                event_dict[key] = mask_secrets(value)
-        elif isinstance(value, (dict, list)):
-            event_dict[key] = _mask_nested(value)
-    return _JSON(event_dict)
+    return _JSON(_drop_secrets(logger, method_name, event_dict))
 
 
 _LEVELS = {"warn": "warning", "exception": "error"}
