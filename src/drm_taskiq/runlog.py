@@ -27,7 +27,7 @@ import structlog
 from redis.exceptions import ResponseError
 from taskiq import TaskiqResult
 
-from drm_taskiq.options import JobMetadata, ms_to_datetime, storable_json
+from drm_taskiq.options import JobMetadata, ms_to_datetime
 from drm_taskiq.redis_queue import LEDGER_GROUP, RedisQueue
 from drm_taskiq.settings import Settings, mask_url
 
@@ -234,34 +234,32 @@ async def write_entries(
 
 
 def _run_result(e: LedgerEntry) -> str:
-    """``plugin_runs.result``: the attempt's JobMetadata as JSON (the keys of
-    :meth:`JobMetadata.to_json`, plus attempt, state, timing, return value and extra)."""
-    body: dict[str, Any] = {
-        "jobId": e.job_id,
-        "jobName": e.job_name,
-        "attemptsMade": e.attempt,
-        "timestamp": e.created.isoformat(),
-        "attempt": e.attempt,
-        "state": e.state,
-    }
+    """``plugin_runs.result``: the attempt's JobMetadata as JSON, its extra holding attempt,
+    state, timing, return value and the metadata the worker attached."""
+    extra: dict[str, Any] = {"attempt": e.attempt, "state": e.state}
     if e.generation:
-        body["generation"] = e.generation
+        extra["generation"] = e.generation
     if e.started is not None:
-        body["startedAt"] = e.started.isoformat()
-        body["durationMs"] = int((e.at - e.started).total_seconds() * 1000)
+        extra["startedAt"] = e.started.isoformat()
+        extra["durationMs"] = int((e.at - e.started).total_seconds() * 1000)
     if e.status == "success" and e.value:
-        body["returnvalue"] = _json_or_text(e.value)
+        extra["returnvalue"] = _json_or_text(e.value)
     if e.extra:
-        body.update(e.extra)
-    return storable_json(body)
+        extra.update(e.extra)
+    return JobMetadata(
+        job_id=e.job_id,
+        job_name=e.job_name,
+        attempts_made=e.attempt,
+        timestamp=e.created,
+        extra=extra,
+    ).to_json()
 
 
 def _taskiq_result(entry: LedgerEntry) -> bytes:
-    failed = entry.state != "completed"
     execution_time = (
         (entry.at - entry.started).total_seconds() if entry.started is not None else 0.0
     )
-    if not failed:  # the common case, without building a pydantic model (same JSON)
+    if entry.state == "completed":  # the common case, without a pydantic model (same JSON)
         return json.dumps(
             {
                 "is_err": False,
@@ -275,10 +273,10 @@ def _taskiq_result(entry: LedgerEntry) -> bytes:
             }
         ).encode()
     result: TaskiqResult[Any] = TaskiqResult(
-        is_err=failed,
-        return_value=None if failed else _json_or_text(entry.value or "null"),
+        is_err=True,
+        return_value=None,
         execution_time=round(execution_time, 3),
-        error=RuntimeError(entry.value) if failed else None,
+        error=RuntimeError(entry.value),
         log=None,
     )
     return json.dumps(result.model_dump(mode="json")).encode()
