@@ -23,17 +23,16 @@ local breaker_empty  -- the failure-count hash has no field (nil: not asked yet)
 -- One HSET of the attempt's fields: the new attempt count (when not already counted by
 -- HINCRBY), the outcome's three fields, then the attempt's start time (when given).
 local function record(jk, count, k1, v1, k2, v2, k3, v3, started)
+  local fields = {k1, v1, k2, v2, k3, v3}
   if count then
-    if started ~= '' then
-      redis.call('HSET', jk, 'attempts', count, k1, v1, k2, v2, k3, v3, 'processed', started)
-    else
-      redis.call('HSET', jk, 'attempts', count, k1, v1, k2, v2, k3, v3)
-    end
-  elseif started ~= '' then
-    redis.call('HSET', jk, k1, v1, k2, v2, k3, v3, 'processed', started)
-  else
-    redis.call('HSET', jk, k1, v1, k2, v2, k3, v3)
+    table.insert(fields, 1, 'attempts')
+    table.insert(fields, 2, count)
   end
+  if started ~= '' then
+    fields[#fields + 1] = 'processed'
+    fields[#fields + 1] = started
+  end
+  redis.call('HSET', jk, unpack(fields))
 end
 
 local function settle(jk, id, token, outcome, value, due, extra, started)
