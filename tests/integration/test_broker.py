@@ -300,28 +300,36 @@ async def test_progress_visible_while_running(
     release.set()
 
 
+class _Concurrency:
+    """A job handler that records when each run starts and how many run at once at most."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.running = self.peak = 0
+        self.starts: list[float] = []
+
+    async def work(self, ctx: Any, job: Any) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        self.starts.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(self.seconds)
+        self.running -= 1
+
+    async def setup(self, s: JobScheduler) -> None:
+        await s.register_job("testp", "w", self.work)
+
+
 async def test_worker_concurrency_bounds_running_jobs(
     client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
 ) -> None:
     """WORKER_CONCURRENCY=3: one worker process never runs more than 3 jobs at once."""
-    running = peak = 0
-
-    async def work(ctx: Any, job: Any) -> None:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.05)
-        running -= 1
-
-    async def setup(s: JobScheduler) -> None:
-        await s.register_job("testp", "w", work)
-
-    await setup(client)
+    jobs = _Concurrency(0.05)
+    await jobs.setup(client)
     for i in range(12):
         await client.add_job("testp", "w", i, tenant_id=tenant)
-    await start_worker(setup, worker_concurrency=3)
+    await start_worker(jobs.setup, worker_concurrency=3)
     await wait_for(lambda: db.fetchval("SELECT count(*) = 12 FROM jobs"), timeout=30)
-    assert peak == 3
+    assert jobs.peak == 3
 
 
 async def test_many_attempts_settle_in_one_call_each_on_its_own(
@@ -518,24 +526,11 @@ async def test_jobs_are_leased_while_acknowledgements_are_in_flight(
     """A job whose handler has finished no longer takes a slot while its acknowledgement is on
     its way: with WORKER_CONCURRENCY=2 and acknowledgements held up for 0.5 s, the next jobs
     start meanwhile; at most 2 handlers still run at once."""
-    starts: list[float] = []
-    running = peak = 0
-
-    async def work(ctx: Any, job: Any) -> None:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        starts.append(asyncio.get_running_loop().time())
-        await asyncio.sleep(0.01)
-        running -= 1
-
-    async def setup(s: JobScheduler) -> None:
-        await s.register_job("testp", "w", work)
-
-    await setup(client)
+    jobs = _Concurrency(0.01)
+    await jobs.setup(client)
     for i in range(6):
         await client.add_job("testp", "w", i, tenant_id=tenant)
-    handle = await start_worker(setup, worker_concurrency=2, take_batch=2)
+    handle = await start_worker(jobs.setup, worker_concurrency=2, take_batch=2)
     broker = handle.broker
     send = broker._finish_batch
     acked: list[float] = []
@@ -547,7 +542,7 @@ async def test_jobs_are_leased_while_acknowledgements_are_in_flight(
 
     broker._acks._send = slow_finish  # type: ignore[method-assign]
     await wait_for(lambda: db.fetchval("SELECT count(*) = 6 FROM jobs"), timeout=30)
-    assert len(starts) == 6
-    assert peak <= 2
+    assert len(jobs.starts) == 6
+    assert jobs.peak <= 2
     # jobs 3-6 started before the first acknowledgement came back
-    assert sorted(starts)[5] < min(acked)
+    assert sorted(jobs.starts)[5] < min(acked)
