@@ -259,6 +259,11 @@ class DrmBroker(ListQueueBroker):
         # Take in batches of at least half a batch while jobs are running (one take.lua call
         # serves many jobs), but at once when nothing runs.
         refill = max(1, min(self.settings.take_batch, limit) // 2)
+        # The last take came back with fewer jobs than asked for: the queue had no more to give
+        # (take.lua cleared the wake-up markers), so the next fetch waits for a marker and
+        # takes in the same round trip instead of first asking again.
+        short = False
+        next_due: int | None = None
         try:
             while not self._closing:
                 _raise_if_cancelled()
@@ -271,13 +276,19 @@ class DrmBroker(ListQueueBroker):
                         self._capacity.clear()
                         await self._capacity.wait()
                         continue
+                    count = min(free, self.settings.take_batch)
                     try:
-                        deliveries, next_due = await self._take(min(free, self.settings.take_batch))
-                        if not deliveries:
-                            deliveries = await self._idle(
-                                next_due, min(free, self.settings.take_batch)
-                            )
+                        if short:
+                            deliveries, next_due = await self._idle(next_due, count)
+                        else:
+                            deliveries, next_due = await self._take(count)
+                            if not deliveries:
+                                deliveries, next_due = await self._idle(next_due, count)
+                        # an empty wait ends the shortcut: the next take runs with a fresh
+                        # "now" (delayed jobs that fell due during the wait are promoted)
+                        short = 0 < len(deliveries) < count
                     except _TRANSIENT as exc:
+                        short = False
                         failures += 1
                         now = time.monotonic()
                         outage_since = outage_since or now
@@ -339,17 +350,16 @@ class DrmBroker(ListQueueBroker):
             self._held[delivery.job_id] = delivery
         return deliveries, next_due
 
-    async def _idle(self, next_due: int | None, count: int) -> list[Delivery]:
-        """Nothing to take: wait for a wake-up marker (at most 1 s, or until the next delayed
-        job is due) and take what it announces in the same round trip."""
+    async def _idle(self, next_due: int | None, count: int) -> tuple[list[Delivery], int | None]:
+        """Nothing (more) to take: wait for a wake-up marker (at most 1 s, or until the next
+        delayed job is due) and take what it announces in the same round trip."""
         timeout = 1.0
         if next_due is not None:
             timeout = min(timeout, max((next_due - now_ms()) / 1000, 0.005))
         if timeout <= 0.01:
             await asyncio.sleep(timeout)
-            return []
-        deliveries, _ = await self._take(count, wait_s=timeout)
-        return deliveries
+            return [], next_due
+        return await self._take(count, wait_s=timeout)
 
     async def _ack(self, delivery: Delivery) -> None:
         """taskiq's acknowledgement: apply the attempt's outcome atomically in Redis."""

@@ -546,3 +546,77 @@ async def test_jobs_are_leased_while_acknowledgements_are_in_flight(
     assert jobs.peak <= 2
     # jobs 3-6 started before the first acknowledgement came back
     assert sorted(jobs.starts)[5] < min(acked)
+
+
+async def test_a_take_that_comes_back_short_clears_the_wake_up_markers(
+    client: JobScheduler, redis_client: Any
+) -> None:
+    """A take that leased every job it could (fewer than asked for) deletes the markers, so the
+    worker's next wait blocks until something new happens; a take that filled its batch, and
+    one limited by tenant windows it did not see to the end, keep them."""
+    queue = client.broker.queue
+    for i in range(3):
+        await queue.enqueue(f"s{i}", b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={})
+    assert await redis_client.llen(queue.keys.marker) == 3
+    full, _ = await queue.take("w:f", 2, 30_000)
+    assert len(full) == 2
+    assert await redis_client.llen(queue.keys.marker) == 3  # more may be waiting
+    short, _ = await queue.take("w:s", 5, 30_000)
+    assert [d.job_id for d in short] == ["s2"]
+    assert await redis_client.llen(queue.keys.marker) == 0
+    # the next enqueue wakes a waiting worker again
+    await queue.enqueue("s3", b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={})
+    deliveries, _ = await queue.wait_and_take(2, "w:n", 5, 30_000)
+    assert [d.job_id for d in deliveries] == ["s3"]
+
+    # with a running limit per tenant: a short take that saw every waiting job clears them
+    for i in range(3):
+        await queue.enqueue(
+            f"t{i}", b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={"tenant": "lim"}
+        )
+    limited, _ = await queue.take("w:l", 5, 30_000, tenant_limit=1)
+    assert [d.job_id for d in limited] == ["t0"]
+    assert await redis_client.llen(queue.keys.marker) == 0
+    # the tenant's settled job pushes a marker: the next waiting job is not forgotten
+    await queue.finish_many([Settlement(limited[0], "completed", "null", 0, None, now_ms())])
+    deliveries, _ = await queue.wait_and_take(2, "w:m", 5, 30_000, tenant_limit=1)
+    assert [d.job_id for d in deliveries] == ["t1"]
+
+
+async def test_a_worker_at_a_low_rate_asks_redis_once_per_job(
+    client: JobScheduler, start_worker: Any, tenant: str
+) -> None:
+    """Jobs arriving one at a time: after a take that came back short the worker waits and
+    takes in one call, instead of asking again first (one round trip per job, not two)."""
+    done: list[str] = []
+
+    async def work(ctx: Any, job: Any) -> None:
+        done.append(job.data)
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    handle = await start_worker(setup, worker_concurrency=4)
+    queue = handle.broker.queue
+    calls = {"take": 0, "wait_and_take": 0}
+    take, wait_and_take = queue.take, queue.wait_and_take
+
+    async def counted_take(*args: Any, **kwargs: Any) -> Any:
+        calls["take"] += 1
+        return await take(*args, **kwargs)
+
+    async def counted_wait(*args: Any, **kwargs: Any) -> Any:
+        calls["wait_and_take"] += 1
+        return await wait_and_take(*args, **kwargs)
+
+    queue.take = counted_take  # type: ignore[method-assign]
+    queue.wait_and_take = counted_wait  # type: ignore[method-assign]
+    await asyncio.sleep(1.2)  # the worker is in its idle wait (renewed at least once)
+    calls.update(take=0, wait_and_take=0)
+    for i in range(10):
+        await client.add_job("testp", "w", f"j{i}", tenant_id=tenant)
+        await wait_for(lambda i=i: len(done) == i + 1, timeout=10, interval=0.005)
+    # one waiting take per job (plus at most one renewal of the 1 s wait); no extra takes
+    assert calls["take"] == 0, calls
+    assert 10 <= calls["wait_and_take"] <= 12, calls

@@ -108,10 +108,15 @@ for _, tenant in ipairs(tenants) do
 end
 redis.call('HSET', KEYS[4], '~floor', floor)
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #out == 0 then
-  -- Nothing to take (an empty queue, or every waiting tenant at its limit): stale wake-up
-  -- markers would only cause empty takes. A job enqueued, or a running job settled, after this
-  -- script pushes a fresh marker, so no wake-up is lost.
+-- Every waiting job was looked at (fewer candidates than asked for, or the whole waiting set
+-- fitted in the window) and fewer than asked for were leased: nothing more can be taken now
+-- (an empty queue, or every waiting tenant at its limit), so stale wake-up markers would only
+-- cause empty takes. A job enqueued, or a running job settled, after this script pushes a
+-- fresh marker, and the caller waits at most until the next delayed job is due, so no wake-up
+-- is lost. This lets a worker whose take came back short wait for the marker at once.
+local examined_all = #due < 1000 and (
+  (limited and #candidates < max * 8 + 33) or (not limited and #candidates < max))
+if #out == 0 or (taken < max and examined_all) then
   redis.call('DEL', KEYS[5])
 end
 return {out, nxt[2] or false}
