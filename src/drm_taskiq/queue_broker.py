@@ -278,12 +278,7 @@ class DrmBroker(ListQueueBroker):
                         continue
                     count = min(free, self.settings.take_batch)
                     try:
-                        if short:
-                            deliveries, next_due = await self._idle(next_due, count)
-                        else:
-                            deliveries, next_due = await self._take(count)
-                            if not deliveries:
-                                deliveries, next_due = await self._idle(next_due, count)
+                        deliveries, next_due = await self._fetch(count, short, next_due)
                         # an empty wait ends the shortcut: the next take runs with a fresh
                         # "now" (delayed jobs that fell due during the wait are promoted)
                         short = 0 < len(deliveries) < count
@@ -326,6 +321,18 @@ class DrmBroker(ListQueueBroker):
         finally:
             while buffer:
                 await asyncio.shield(self._give_back(buffer.popleft()))
+
+    async def _fetch(
+        self, count: int, short: bool, next_due: int | None
+    ) -> tuple[list[Delivery], int | None]:
+        """Lease up to ``count`` jobs: after a short take, wait for a marker and take in one
+        round trip; otherwise take, and wait only if that found nothing."""
+        if short:
+            return await self._idle(next_due, count)
+        deliveries, next_due = await self._take(count)
+        if deliveries:
+            return deliveries, next_due
+        return await self._idle(next_due, count)
 
     async def _take(self, count: int, wait_s: float = 0.0) -> tuple[list[Delivery], int | None]:
         """Lease up to ``count`` jobs; with ``wait_s``, first wait that long at most for a job
