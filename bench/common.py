@@ -225,6 +225,9 @@ class ProcGroup:
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.name = name
         self.argv = argv
+        # Processes of the same deployment started with this group (drm-taskiq's scheduler):
+        # counted in pids() (CPU), stopped with it; not paused, not in worker_pids().
+        self.companions: list[ProcGroup] = []
         self.log_path = log_dir() / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
@@ -242,11 +245,11 @@ class ProcGroup:
         return self.popen.pid
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.popen.poll() is None and all(c.alive() for c in self.companions)
 
     def pids(self) -> list[int]:
-        """The main process and its children (taskiq's worker processes)."""
-        return [self.pid, *children(self.pid)]
+        """The main process and its children (taskiq's worker processes), and companions'."""
+        return [self.pid, *children(self.pid), *(p for c in self.companions for p in c.pids())]
 
     def worker_pids(self) -> list[int]:
         kids = children(self.pid)
@@ -270,11 +273,13 @@ class ProcGroup:
 
     def tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text("utf-8", errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join([*text[-lines:], *(c.tail(lines) for c in self.companions)])
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (a graceful stop), then SIGKILL the whole group after ``timeout``."""
-        if self.alive():
+        for companion in self.companions:
+            companion.stop(timeout)
+        if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -282,6 +287,8 @@ class ProcGroup:
         self.kill()
 
     def kill(self) -> None:
+        for companion in self.companions:
+            companion.kill()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):

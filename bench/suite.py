@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -27,9 +28,7 @@ from bench.common import (
     BIN_DIR,
     REPO_ROOT,
     RESULTS_DIR,
-    ProcGroup,
     cleanup_namespace,
-    drm_env,
     log_dir,
     machine_busy,
     new_namespace,
@@ -377,7 +376,6 @@ async def phase_whatif(cfg: dict[str, Any], drm: DrmSystem) -> dict[str, Any]:
     """drm-taskiq with one setting changed (no code change): evidence for where the per-job
     cost goes. "no per-job log lines" turns off job_enqueued / job_started / job_succeeded
     (DRM_LOG_LEVEL=WARNING) and taskiq's own per-task line (--log-level WARNING)."""
-    from bench.common import taskiq_worker  # noqa: PLC0415
     from bench.drain import run_drain  # noqa: PLC0415
     from bench.producers import run_enqueue  # noqa: PLC0415
 
@@ -385,40 +383,22 @@ async def phase_whatif(cfg: dict[str, Any], drm: DrmSystem) -> dict[str, Any]:
     out["enqueue, no per-job log lines"] = await run_enqueue(
         drm, cfg["enqueue_jobs"], cfg["producers"], env={"DRM_LOG_LEVEL": "WARNING"}
     )
-    variants: dict[str, tuple[dict[str, str], list[str]]] = {
-        "defaults (reference)": ({}, []),
-        "no per-job log lines": ({"DRM_LOG_LEVEL": "WARNING"}, ["--log-level", "WARNING"]),
-        "WORKER_CONCURRENCY=100": ({"WORKER_CONCURRENCY": "100"}, []),
-        # the run ledger in a `drm-taskiq ledger` process of its own, next to the worker
-        "ledger in its own process": ({"DRM_LEDGER_IN_WORKER": "false"}, []),
+    variants: dict[str, tuple[dict[str, str], list[str], bool]] = {
+        "defaults (reference)": ({}, [], True),
+        "no per-job log lines": ({"DRM_LOG_LEVEL": "WARNING"}, ["--log-level", "WARNING"], True),
+        "WORKER_CONCURRENCY=100": ({"WORKER_CONCURRENCY": "100"}, [], True),
+        # no scheduler process: the run ledger is written by the worker itself
+        "ledger in the worker (no scheduler)": ({}, [], False),
     }
     original = drm.start_workers
-    for index, (label, (extra, argv)) in enumerate(variants.items()):
-        helpers: list[ProcGroup] = []
-
-        def start(
-            queue: str,
-            workers: int,
-            tag: str,
-            *,
-            extra: dict[str, str] = extra,
-            argv: list[str] = argv,
-            helpers: list[ProcGroup] = helpers,
-        ) -> Any:
-            env = drm_env(drm.namespace, queue, BENCH_READY_KEY=drm.ready_key(tag), **extra)
-            if extra.get("DRM_LEDGER_IN_WORKER") == "false":
-                helpers.append(
-                    ProcGroup(f"drm-{tag}-ledger", [str(BIN_DIR / "drm-taskiq"), "ledger"], env)
-                )
-            return taskiq_worker(f"drm-{tag}", "drm_taskiq.broker:broker", workers, env, *argv)
-
-        drm.start_workers = start  # type: ignore[method-assign]
+    for index, (label, (extra, argv, with_scheduler)) in enumerate(variants.items()):
+        drm.start_workers = functools.partial(  # type: ignore[method-assign]
+            original, extra=extra, argv=tuple(argv), with_scheduler=with_scheduler
+        )
         try:
             out[label] = await run_drain(drm, workers=1, n=cfg["whatif_jobs"], tag=f"whatif{index}")
         finally:
             drm.start_workers = original  # type: ignore[method-assign]
-            for group in helpers:
-                group.stop()
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bench.common import (
+    BIN_DIR,
     DATABASE_URL,
     REDIS_URL,
     TENANT,
@@ -171,7 +172,8 @@ class System:
 
 
 class DrmSystem(System):
-    """drm-taskiq, all guarantees on: ``taskiq worker drm_taskiq.broker:broker``."""
+    """drm-taskiq, all guarantees on, deployed as documented: ``taskiq worker
+    drm_taskiq.broker:broker`` and ``taskiq scheduler drm_taskiq.scheduler:sched``."""
 
     name = "drm"
     label = "drm-taskiq"
@@ -184,6 +186,7 @@ class DrmSystem(System):
         self.templates: dict[str, tuple[list[str], list[str]]] = {}
         self.message = ""
         self.pool: Any = None
+        self.with_scheduler = True
 
     def settings(self, queue: str) -> Any:
         from drm_taskiq.settings import load_settings  # noqa: PLC0415
@@ -257,9 +260,36 @@ class DrmSystem(System):
         )
         await self.clear("tpl")
 
-    def start_workers(self, queue: str, workers: int, tag: str) -> ProcGroup:
-        env = drm_env(self.namespace, queue, BENCH_READY_KEY=self.ready_key(tag))
-        return taskiq_worker(f"drm-{tag}", "drm_taskiq.broker:broker", workers, env)
+    def start_workers(
+        self,
+        queue: str,
+        workers: int,
+        tag: str,
+        *,
+        extra: dict[str, str] | None = None,
+        argv: tuple[str, ...] = (),
+        with_scheduler: bool | None = None,
+    ) -> ProcGroup:
+        """``taskiq worker`` processes and, as deployed (unless ``with_scheduler`` is off), one
+        ``taskiq scheduler``: the run ledger's dedicated writer (its CPU counts as the
+        workers'). ``extra``: environment for both; ``argv``: more worker arguments."""
+        extra = extra or {}
+        env = drm_env(self.namespace, queue, BENCH_READY_KEY=self.ready_key(tag), **extra)
+        group = taskiq_worker(f"drm-{tag}", "drm_taskiq.broker:broker", workers, env, *argv)
+        if self.with_scheduler if with_scheduler is None else with_scheduler:
+            command = [str(BIN_DIR / "taskiq"), "scheduler", "drm_taskiq.scheduler:sched"]
+            env = drm_env(self.namespace, queue, **extra)
+            group.companions.append(ProcGroup(f"drm-{tag}-scheduler", command, env))
+        return group
+
+    async def wait_ready(self, group: ProcGroup, tag: str, workers: int) -> None:
+        await super().wait_ready(group, tag, workers)
+        for companion in group.companions:
+
+            async def started(companion: ProcGroup = companion) -> bool:
+                return bool(companion.events("scheduler_started"))
+
+            await wait_until(started, within=90, what=f"{companion.name} ready", procs=[group])
 
     def client_env(self, queue: str) -> dict[str, str]:
         return drm_env(self.namespace, queue)

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply the database migrations not yet applied")
     commands.add_parser(
         "ledger",
-        help="write the run ledger (plugin_runs) until SIGTERM; for DRM_LEDGER_IN_WORKER=false",
+        help="write the run ledger (plugin_runs) until SIGTERM, as a dedicated writer",
     )
 
     tenant = commands.add_parser("tenant", help="manage tenants")

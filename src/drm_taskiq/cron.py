@@ -13,12 +13,14 @@ records them. Concurrent schedulers claim disjoint chunks; the job id alone keep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import heapq
 import json
 import math
 import os
+import signal
 import socket
 import time
 import uuid
@@ -54,6 +56,7 @@ from drm_taskiq.options import (
     to_croniter,
 )
 from drm_taskiq.redis_queue import EnqueueRequest
+from drm_taskiq.runlog import RunLedger
 
 if TYPE_CHECKING:
     from drm_taskiq.jobs import JobScheduler
@@ -872,6 +875,8 @@ class DrmScheduler(TaskiqScheduler):
         super().__init__(broker, sources=[_NoSchedules()])
         self.engine = CronEngine(broker, jobs)
         self._task: asyncio.Task[None] | None = None
+        self._ledger_task: asyncio.Task[None] | None = None
+        self._ledger_stop = asyncio.Event()
 
     async def startup(self) -> None:
         """Start the broker (which loads plugins), then the cron engine."""
@@ -883,13 +888,41 @@ class DrmScheduler(TaskiqScheduler):
         gc.collect()
         gc.freeze()
         self._task = asyncio.create_task(self.engine.run(), name="drm-cron")
-        log.info("scheduler_started", schedules=len(self.engine.schedules))
+        broker = self.engine.broker
+        main = asyncio.current_task()
+        if broker.is_scheduler_process and main is not None:
+            # SIGTERM stops like SIGINT: taskiq's scheduler loop is cancelled and shutdown()
+            # runs (the ledger writes what is pending and hands over to the workers at once).
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        if broker.settings.ledger_in_scheduler and broker.pool is not None:
+            # A dedicated run-ledger writer: while it runs, the workers' writers stand by and
+            # their event loops only run jobs (see RunLedger).
+            ledger = RunLedger.from_settings(
+                broker.queue, broker.pool, broker.settings, dedicated=True
+            )
+            self._ledger_stop = asyncio.Event()
+            self._ledger_task = asyncio.create_task(
+                ledger.run(self._ledger_stop), name="drm-ledger"
+            )
+        log.info(
+            "scheduler_started",
+            schedules=len(self.engine.schedules),
+            ledger="in scheduler" if self._ledger_task is not None else "elsewhere",
+        )
 
     async def shutdown(self) -> None:
-        """Stop the cron engine and close connections."""
+        """Stop the cron engine and the ledger writer (after it wrote what is pending, for a
+        few seconds), then close connections."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._ledger_task is not None:
+            self._ledger_stop.set()
+            try:
+                await asyncio.wait_for(self._ledger_task, timeout=5)
+            except Exception as exc:  # rows stay in Redis for another writer
+                log.warning("ledger_not_stopped", error=f"{type(exc).__name__}: {exc}")
         await super().shutdown()
 
 

@@ -159,6 +159,11 @@ class QueueKeys:
         return f"{self.base}:ledger"
 
     @property
+    def ledger_writer(self) -> str:
+        """Set (with an expiry) by dedicated ledger writers while they run."""
+        return f"{self.base}:ledger-writer"
+
+    @property
     def dead(self) -> str:
         return f"{self.base}:dead"
 

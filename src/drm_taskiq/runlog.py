@@ -283,7 +283,19 @@ def _taskiq_result(entry: LedgerEntry) -> bytes:
 
 
 class RunLedger:
-    """Moves ledger entries from the Redis stream into PostgreSQL, in batches."""
+    """Moves ledger entries from the Redis stream into PostgreSQL, in batches.
+
+    A ``dedicated`` writer (``drm-taskiq ledger``, the scheduler process) announces itself in
+    Redis while it runs (``ledger-writer``, refreshed every second, expiring after
+    ``WRITER_TTL_MS``). A worker's writer (not dedicated) stands by while such an announcement
+    exists, so that its event loop runs jobs only, and writes again as soon as the last one
+    expired (a dedicated writer that stopped or died): entries never wait for a process nobody
+    runs. Entries a writer read but did not store are claimed by another after
+    ``claim_idle_ms``.
+    """
+
+    WRITER_TTL_MS = 5_000
+    CHECK_EVERY_S = 1.0  # how often a dedicated writer renews, and a standby one looks
 
     def __init__(
         self,
@@ -295,6 +307,7 @@ class RunLedger:
         block_ms: int = 200,
         retention_ms: int = 0,
         claim_idle_ms: int = 60_000,
+        dedicated: bool = False,
     ) -> None:
         self.queue = queue
         self.pool = pool
@@ -303,11 +316,20 @@ class RunLedger:
         self.block_ms = block_ms
         self.retention_ms = retention_ms
         self.claim_idle_ms = claim_idle_ms
+        self.dedicated = dedicated
         self._group_ready = False
+        self._checked_at = float("-inf")
+        self._standing_by = False
 
     @classmethod
     def from_settings(
-        cls, queue: RedisQueue, pool: asyncpg.Pool, settings: Settings, consumer: str = ""
+        cls,
+        queue: RedisQueue,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        consumer: str = "",
+        *,
+        dedicated: bool = False,
     ) -> RunLedger:
         """A ledger writer configured by ``DRM_LEDGER_*`` and ``DRM_RETENTION_S``."""
         return cls(
@@ -318,7 +340,39 @@ class RunLedger:
             block_ms=settings.ledger_flush_ms,
             retention_ms=settings.retention_s * 1000,
             claim_idle_ms=settings.ledger_claim_idle_ms,
+            dedicated=dedicated,
         )
+
+    async def standing_by(self) -> bool:
+        """Whether this writer should leave the entries to a dedicated one now (checked with
+        Redis at most every ``CHECK_EVERY_S``); a dedicated writer renews its announcement."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._checked_at < self.CHECK_EVERY_S:
+            return self._standing_by
+        self._checked_at = loop.time()
+        key = self.queue.keys.ledger_writer
+        if self.dedicated:
+            await self.queue.redis.set(key, self.consumer, px=self.WRITER_TTL_MS)
+            return False
+        standing_by = bool(await self.queue.redis.exists(key))
+        if standing_by != self._standing_by:
+            log.info(
+                "ledger_standing_by" if standing_by else "ledger_writing",
+                consumer=self.consumer,
+                dedicated_writer=_text(await self.queue.redis.get(key)) if standing_by else None,
+            )
+        self._standing_by = standing_by
+        return standing_by
+
+    async def _retire(self) -> None:
+        """A dedicated writer that stops removes its announcement (if it is still its own),
+        so that the workers' writers take over at once."""
+        if not self.dedicated:
+            return
+        key = self.queue.keys.ledger_writer
+        with contextlib.suppress(Exception):
+            if _text(await self.queue.redis.get(key)) == self.consumer:
+                await self.queue.redis.delete(key)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (reading from the stream's start) if it does not exist."""
@@ -464,6 +518,9 @@ class RunLedger:
         task = asyncio.current_task()
         while not stop.is_set() and not (task is not None and task.cancelling()):
             try:
+                if await self.standing_by():
+                    await _sleep_or_stop(stop, self.CHECK_EVERY_S)
+                    continue
                 if loop.time() - last_claim > self.claim_idle_ms / 2000:
                     last_claim = loop.time()
                     await self.claim_abandoned()
@@ -486,6 +543,7 @@ class RunLedger:
             await self.drain()
         except Exception as exc:  # rows stay in Redis and are written by another worker
             log.warning("ledger_not_drained_on_shutdown", error=f"{type(exc).__name__}: {exc}")
+        await self._retire()
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
@@ -539,9 +597,9 @@ async def serve(settings: Settings) -> int:
     """``drm-taskiq ledger``: write the run ledger in a process of its own until SIGTERM or
     SIGINT, then write what is pending (for a few seconds) and exit 0.
 
-    With ``DRM_LEDGER_IN_WORKER=false`` workers leave the ledger to such processes, so that its
-    batches do not share an event loop with running jobs. Any number may run (they share the
-    stream's consumer group); entries wait in Redis while none runs.
+    A dedicated writer: while it runs, the workers' writers stand by (see :class:`RunLedger`),
+    so that its batches do not share an event loop with running jobs. Any number may run (they
+    share the stream's consumer group).
     """
     from redis.asyncio import Redis  # noqa: PLC0415
 
@@ -557,7 +615,7 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         queue = RedisQueue(redis, settings.key_prefix, settings.queue)
-        ledger = RunLedger.from_settings(queue, pool, settings)
+        ledger = RunLedger.from_settings(queue, pool, settings, dedicated=True)
         log.info(
             "ledger_started",
             consumer=ledger.consumer,
@@ -573,3 +631,7 @@ async def serve(settings: Settings) -> int:
         await pool.close()
         await redis.aclose()
     return 0
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

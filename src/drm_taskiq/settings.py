@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     allow_unsigned_plugins: bool = False
     ledger_claim_idle_ms: int = Field(default=30_000, ge=100)
     ledger_in_worker: bool = True
+    ledger_in_scheduler: bool = True
     job_retention_days: int = Field(default=30, ge=1)
     breaker_threshold: int = Field(default=10, ge=0)
     tenant_enqueue_rate: int = Field(default=0, ge=0)

@@ -31,7 +31,8 @@ from tests.plugins.accept import tick as accept_tick
 
 from drm_taskiq.cron import CronEngine
 from drm_taskiq.jobs import JobScheduler
-from drm_taskiq.redis_queue import QueueKeys
+from drm_taskiq.redis_queue import LEDGER_GROUP, QueueKeys
+from drm_taskiq.runlog import RunLedger
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -357,3 +358,40 @@ async def test_ledger_in_its_own_process_writes_every_row_across_a_restart(
 
 async def _stream_length(redis: aioredis.Redis, key: str, at_least: int) -> bool:
     return int(await redis.xlen(key)) >= at_least
+
+
+async def test_the_scheduler_writes_the_ledger_and_the_worker_takes_over_when_it_dies(
+    procs: Processes, accept_client: JobScheduler, db: asyncpg.Pool, accept_tenant: str, keys: Any
+) -> None:
+    """A running scheduler is the ledger's dedicated writer: the worker's writer stands by (it
+    never reads the stream) while the scheduler writes every row. When the scheduler is killed
+    (SIGKILL: its announcement is left to expire), the worker writes again within seconds; after
+    a clean stop (SIGTERM) it takes over at once. Every row exactly once."""
+    redis = accept_client.broker.redis
+    scheduler = await procs.ready_scheduler()
+    assert (await procs.wait_event(scheduler, "scheduler_started"))["ledger"] == "in scheduler"
+    worker = await procs.ready_worker()
+    worker_id = (await procs.wait_event(worker, "worker_started"))["worker_id"]
+    await procs.wait_event(worker, "ledger_standing_by", timeout=10)
+    first = await _add(accept_client, accept_tenant, "echo", [{"n": i} for i in range(10)])
+    await wait_until(_completed(db, 10), timeout=30, procs=[worker, scheduler], what="10 rows")
+    consumers = {c["name"] for c in await redis.xinfo_consumers(keys.ledger, LEDGER_GROUP)}
+    assert worker_id.encode() not in consumers and worker_id not in consumers, consumers
+
+    scheduler.killpg(signal.SIGKILL)
+    second = await _add(accept_client, accept_tenant, "echo", [{"n": i} for i in range(10, 20)])
+    await procs.wait_event(worker, "ledger_writing", timeout=RunLedger.WRITER_TTL_MS / 1000 + 10)
+    await wait_until(_completed(db, 20), timeout=30, procs=[worker], what="20 rows")
+
+    again = await procs.ready_scheduler()
+    await wait_until(
+        lambda: len(worker.events("ledger_standing_by")) == 2, timeout=10, what="standing by"
+    )
+    again.send(signal.SIGTERM)
+    assert await wait_exit(again, timeout=15) == 0
+    third = await _add(accept_client, accept_tenant, "echo", [{"n": i} for i in range(20, 25)])
+    await wait_until(_completed(db, 25), timeout=30, procs=[worker], what="25 rows")
+    assert len(worker.events("ledger_writing")) == 2
+    await asyncio.sleep(0.5)  # let any duplicate show up
+    runs = await fetch_runs(db)
+    assert Counter(run["job_id"] for run in runs) == Counter(first + second + third)
