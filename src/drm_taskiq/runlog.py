@@ -540,7 +540,8 @@ class RunLedger:
                     )
                 await _sleep_or_stop(stop, min(0.1 * 2**failures, 5.0))
         try:
-            await self.drain()
+            if not self._standing_by:  # else the dedicated writer has them
+                await self.drain()
         except Exception as exc:  # rows stay in Redis and are written by another worker
             log.warning("ledger_not_drained_on_shutdown", error=f"{type(exc).__name__}: {exc}")
         await self._retire()

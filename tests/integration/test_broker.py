@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from drm_taskiq import JobScheduler
 from drm_taskiq.queue_broker import Batcher
+from drm_taskiq.runlog import RunLedger
 from drm_taskiq.redis_queue import (
     Delivery,
     EnqueueRequest,
@@ -620,3 +621,38 @@ async def test_a_worker_at_a_low_rate_asks_redis_once_per_job(
     # one waiting take per job (plus at most one renewal of the 1 s wait); no extra takes
     assert calls["take"] == 0, calls
     assert 10 <= calls["wait_and_take"] <= 12, calls
+
+
+async def test_a_workers_ledger_stands_by_while_a_dedicated_writer_is_announced(
+    client: JobScheduler, db: asyncpg.Pool, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standby decision: a dedicated writer announces itself (with an expiry) when it looks;
+    a worker's writer stands by while the announcement exists, writes again once it is retired
+    or expired, and never reads the stream meanwhile."""
+    monkeypatch.setattr(RunLedger, "CHECK_EVERY_S", 0.0)
+    queue = client.broker.queue
+    dedicated = RunLedger(queue, db, consumer="sched-1", dedicated=True)
+    worker = RunLedger(queue, db, consumer="worker-1")
+    assert not await worker.standing_by()
+    assert not await dedicated.standing_by()
+    assert await redis_client.get(queue.keys.ledger_writer) == b"sched-1"
+    ttl = await redis_client.pttl(queue.keys.ledger_writer)
+    assert 0 < ttl <= RunLedger.WRITER_TTL_MS
+    assert await worker.standing_by()
+
+    await dedicated.ensure_group()
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(worker.run(stop))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.wait_for(running, timeout=10)
+    consumers = await redis_client.xinfo_consumers(queue.keys.ledger, "ledger")
+    assert [c["name"] for c in consumers if c["name"] in ("worker-1", b"worker-1")] == []
+
+    await dedicated._retire()
+    assert await redis_client.get(queue.keys.ledger_writer) is None
+    assert not await worker.standing_by()
+    await dedicated.standing_by()
+    await redis_client.pexpire(queue.keys.ledger_writer, 1)  # a killed writer's announcement
+    await asyncio.sleep(0.05)
+    assert not await worker.standing_by()
