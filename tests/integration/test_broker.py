@@ -11,7 +11,6 @@ import redis.asyncio as aioredis
 
 from drm_taskiq import JobScheduler
 from drm_taskiq.queue_broker import Batcher
-from drm_taskiq.runlog import RunLedger
 from drm_taskiq.redis_queue import (
     Delivery,
     EnqueueRequest,
@@ -20,6 +19,7 @@ from drm_taskiq.redis_queue import (
     StalledJob,
     now_ms,
 )
+from drm_taskiq.runlog import RunLedger
 from tests.conftest import wait_for
 from tests.support.services import PrivateRedis
 
