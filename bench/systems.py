@@ -187,6 +187,7 @@ class DrmSystem(System):
         self.message = ""
         self.pool: Any = None
         self.with_scheduler = True
+        self._writer_keys: dict[str, str] = {}  # worker group name -> its scheduler's key
 
     def settings(self, queue: str) -> Any:
         from drm_taskiq.settings import load_settings  # noqa: PLC0415
@@ -280,16 +281,21 @@ class DrmSystem(System):
             command = [str(BIN_DIR / "taskiq"), "scheduler", "drm_taskiq.scheduler:sched"]
             env = drm_env(self.namespace, queue, **extra)
             group.companions.append(ProcGroup(f"drm-{tag}-scheduler", command, env))
+            self._writer_keys[group.name] = self.keys(queue).ledger_writer
         return group
 
     async def wait_ready(self, group: ProcGroup, tag: str, workers: int) -> None:
         await super().wait_ready(group, tag, workers)
-        for companion in group.companions:
+        writer_key = self._writer_keys.pop(group.name, None)
+        if writer_key is not None:
+            # the scheduler announced itself as the ledger's dedicated writer (whatever its
+            # log level), so the workers' writers stand by from here on
 
-            async def started(companion: ProcGroup = companion) -> bool:
-                return bool(companion.events("scheduler_started"))
+            async def announced() -> bool:
+                return bool(await self.redis.exists(writer_key))
 
-            await wait_until(started, within=90, what=f"{companion.name} ready", procs=[group])
+            await wait_until(announced, within=90, what=f"{group.name}'s scheduler", procs=[group])
+            await asyncio.sleep(1.1)  # a worker's writer looks every second (RunLedger)
 
     def client_env(self, queue: str) -> dict[str, str]:
         return drm_env(self.namespace, queue)

@@ -149,7 +149,9 @@ class DrmBroker(ListQueueBroker):
                 database=mask_url(self.settings.database_url),
                 concurrency=self.settings.worker_concurrency,
                 queue=self.settings.queue,
-                ledger="in worker" if self.settings.ledger_in_worker else "separate",
+                ledger="in worker unless a dedicated writer runs"
+                if self.settings.ledger_in_worker
+                else "separate",
             )
         await super().startup()
         if self.is_worker_process and self.own_process:
