@@ -88,10 +88,14 @@ class LoopBufferedLogger:
     """structlog's PrintLogger, written in batches: at most ``FLUSH_AFTER_S`` after a line.
 
     Lines logged while an event loop runs are kept here and written together, in one write
-    and flush, by a timer of the loop ``FLUSH_AFTER_S`` after the first of them: a worker logs
-    two lines per job and a producer one, and a system call for each was a measurable share of
-    their time (``PYTHONUNBUFFERED``, common in containers, makes every write to stderr a system
-    call). Without a running loop a line is written at once, after what is pending. The
+    and flush: a worker logs two lines per job and a producer one, and a system call for each
+    was a measurable share of their time (``PYTHONUNBUFFERED``, common in containers, makes
+    every write to stderr a system call). The write is due ``FLUSH_AFTER_S`` after the previous
+    one: when that time has passed already (a quiet process) the lines are written in the
+    loop's next pass, without a timer of their own (waking an idle process for a timer costs
+    more than the write); otherwise a timer writes them when it is due, so that under load one
+    write carries the lines of ``FLUSH_AFTER_S``. Without a running loop a line is written at
+    once, after what is pending. The
     standard library's log records go through the same object (it is the handler's stream), so
     lines keep their order. What is pending is written at exit (``atexit``, and
     multiprocessing's exit hook in taskiq's worker processes); a killed process loses at most
@@ -105,6 +109,7 @@ class LoopBufferedLogger:
         self._file = file
         self._pending: list[str] = []
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
+        self._written_at = float("-inf")  # loop time of the last write
         atexit.register(self.flush)
         self._register_process_exit()
 
@@ -127,7 +132,11 @@ class LoopBufferedLogger:
             self.flush()
         elif self._scheduled_on is not loop:
             self._scheduled_on = loop
-            loop.call_later(self.FLUSH_AFTER_S, self.flush)
+            wait = self._written_at + self.FLUSH_AFTER_S - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self._flush_on, loop)
+            else:
+                loop.call_soon(self._flush_on, loop)
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
@@ -137,6 +146,10 @@ class LoopBufferedLogger:
         if text:
             self.msg(text.removesuffix("\n"))
         return len(text)
+
+    def _flush_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._written_at = loop.time()
+        self.flush()
 
     def flush(self) -> None:
         """Write what is pending."""

@@ -120,16 +120,22 @@ def test_lines_of_one_loop_turn_are_written_together_and_in_order() -> None:
         logger.msg("two")
         logger.write("stdlib record\n")  # logging.StreamHandler(logger)
         logger.msg("three")
-        await asyncio.sleep(0)
-        logger.msg("four, a turn later")
         assert len(writes) == 1  # nothing written yet
+        await asyncio.sleep(0)
+        # a quiet logger writes the lines of a turn in the loop's next pass, in one write
+        assert writes[1:] == [b"one\ntwo\nstdlib record\nthree\n"]
+        logger.msg("four, just after a write")
+        await asyncio.sleep(0)
+        logger.msg("five, a turn later")
+        await asyncio.sleep(0)
+        assert len(writes) == 2  # within FLUSH_AFTER_S of the last write: a timer writes them
         await asyncio.sleep(LoopBufferedLogger.FLUSH_AFTER_S * 4)
-        assert writes[1:] == [b"one\ntwo\nstdlib record\nthree\nfour, a turn later\n"]
+        assert writes[2:] == [b"four, just after a write\nfive, a turn later\n"]
         logger.msg("pending when the process exits")
 
     asyncio.run(turn())
     logger.flush()  # what atexit / multiprocessing's exit hook call
-    assert writes[2:] == [b"pending when the process exits\n"]
+    assert writes[3:] == [b"pending when the process exits\n"]
 
 
 _LAST_LINE_SCRIPT = """
