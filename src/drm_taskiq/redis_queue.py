@@ -207,8 +207,9 @@ class RedisQueue:
         self.redis = redis
         self.keys = QueueKeys(prefix, queue)
         self._scripts = _load_scripts(redis)
-        self._kept: _KeptConnection | None = None  # enqueue()'s connection, when not in use
-        self._kept_busy = False
+        # script name -> the connection kept for its calls, when not in use (see _run_kept)
+        self._kept: dict[str, _KeptConnection] = {}
+        self._kept_busy: set[str] = set()
 
     def _enqueue_call(self, request: EnqueueRequest, now: int) -> tuple[list[str], list[Any]]:
         return self._enqueue_args(
@@ -272,25 +273,26 @@ class RedisQueue:
             rate_limit=rate_limit,
             fields=fields,
         )
-        created, state = await self._run_enqueue(keys, args)
+        created, state = await self._run_kept("enqueue", keys, args)
         return int(created), _text(state)
 
-    async def _run_enqueue(self, keys: list[str], args: list[Any]) -> Any:
-        """enqueue.lua on a connection this queue keeps for :meth:`enqueue`.
+    async def _run_kept(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Script ``name`` on a connection this queue keeps for it: ``enqueue.lua`` for
+        :meth:`enqueue` (a producer that awaits each job makes one call at a time) and
+        ``finish.lua`` for :meth:`finish_many` (a worker sends one batch at a time).
 
-        A producer that awaits each job makes one call at a time. Taking a connection from the
-        broker's BlockingConnectionPool and giving it back for each call (a condition, a
-        timeout scope, events) cost it about 15% of its CPU per job. The kept connection stays
-        counted as in use by the pool, whose ``disconnect()`` closes it, and is checked before
-        each call as the pool checks the connections it hands out. While it is busy
-        (concurrent producers), calls take pool connections as before; after an error it goes
-        back to the pool."""
-        script = self._scripts["enqueue"]
-        kept = self._kept
-        if kept is None and self._kept_busy:
+        Taking a connection from the broker's BlockingConnectionPool and giving it back for each
+        call (a condition, a timeout scope, events) cost a producer about 15% of its CPU per
+        job. The kept connection stays counted as in use by the pool, whose ``disconnect()``
+        closes it, and is checked before each call as the pool checks the connections it hands
+        out. While it is busy (concurrent calls), calls take pool connections as before; after
+        an error it goes back to the pool."""
+        script = self._scripts[name]
+        kept = self._kept.pop(name, None)
+        if kept is None and name in self._kept_busy:
             return await script(keys=keys, args=args)
         pool = self.redis.connection_pool
-        self._kept, self._kept_busy = None, True
+        self._kept_busy.add(name)
         try:
             if kept is None:
                 connection = await pool.get_connection(*_GET_CONNECTION_ARGS)  # type: ignore[no-untyped-call]
@@ -299,11 +301,12 @@ class RedisQueue:
             # AsyncScript takes any client with evalsha and script_load (it is given pipelines)
             reply = await script(keys=keys, args=args, client=kept)  # type: ignore[arg-type]
         except BaseException:
-            self._kept_busy = False
+            self._kept_busy.discard(name)
             if kept is not None:
                 await pool.release(kept.connection)
             raise
-        self._kept, self._kept_busy = kept, False
+        self._kept[name] = kept
+        self._kept_busy.discard(name)
         return reply
 
     async def enqueue_many(self, requests: Sequence[EnqueueRequest]) -> list[tuple[int, str]]:
@@ -454,7 +457,7 @@ class RedisQueue:
             for s in settlements
         ]
         args: list[str | int] = [now_ms(), breaker_threshold, k.job_prefix, json.dumps(jobs)]
-        answers = await self._scripts["finish"](keys=keys, args=args)
+        answers = await self._run_kept("finish", keys, args)
         return [int(answer) for answer in answers]
 
     async def extend(self, leases: list[tuple[str, str]], lease_ms: int) -> list[str]:
