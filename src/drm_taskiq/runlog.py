@@ -286,8 +286,8 @@ class RunLedger:
     """Moves ledger entries from the Redis stream into PostgreSQL, in batches.
 
     A ``dedicated`` writer (``drm-taskiq ledger``, the scheduler process) announces itself in
-    Redis while it runs (``ledger-writer``, refreshed every second, expiring after
-    ``WRITER_TTL_MS``). A worker's writer (not dedicated) stands by while such an announcement
+    Redis while it runs and writes (``ledger-writer``, refreshed every second, expiring after
+    ``WRITER_TTL_MS``; not refreshed while its batches fail). A worker's writer (not dedicated) stands by while such an announcement
     exists, so that its event loop runs jobs only, and writes again as soon as the last one
     expired (a dedicated writer that stopped or died): entries never wait for a process nobody
     runs. Entries a writer read but did not store are claimed by another after
@@ -343,16 +343,19 @@ class RunLedger:
             dedicated=dedicated,
         )
 
-    async def standing_by(self) -> bool:
+    async def standing_by(self, *, healthy: bool = True) -> bool:
         """Whether this writer should leave the entries to a dedicated one now (checked with
-        Redis at most every ``CHECK_EVERY_S``); a dedicated writer renews its announcement."""
+        Redis at most every ``CHECK_EVERY_S``). A dedicated writer renews its announcement while
+        it is ``healthy`` (its last batch was written): one that cannot reach PostgreSQL lets it
+        expire, so that the workers' writers try meanwhile."""
         loop = asyncio.get_running_loop()
         if loop.time() - self._checked_at < self.CHECK_EVERY_S:
             return self._standing_by
         self._checked_at = loop.time()
         key = self.queue.keys.ledger_writer
         if self.dedicated:
-            await self.queue.redis.set(key, self.consumer, px=self.WRITER_TTL_MS)
+            if healthy:
+                await self.queue.redis.set(key, self.consumer, px=self.WRITER_TTL_MS)
             return False
         standing_by = bool(await self.queue.redis.exists(key))
         if standing_by != self._standing_by:
@@ -518,7 +521,7 @@ class RunLedger:
         task = asyncio.current_task()
         while not stop.is_set() and not (task is not None and task.cancelling()):
             try:
-                if await self.standing_by():
+                if await self.standing_by(healthy=not failures):
                     await _sleep_or_stop(stop, self.CHECK_EVERY_S)
                     continue
                 if loop.time() - last_claim > self.claim_idle_ms / 2000:

@@ -244,6 +244,49 @@ async def test_one_abandoned_entry_does_not_stop_the_ledger_writer(
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=10)
 
 
+async def test_a_dedicated_writer_that_cannot_write_hands_the_ledger_to_the_workers(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis, monkeypatch: Any
+) -> None:
+    """A dedicated writer (a scheduler) whose PostgreSQL pool fails stops renewing its
+    announcement; once it expires the worker's writer, which can reach PostgreSQL, writes the
+    rows. When the dedicated writer works again it takes the ledger back."""
+    monkeypatch.setattr(RunLedger, "CHECK_EVERY_S", 0.05)
+    monkeypatch.setattr(RunLedger, "WRITER_TTL_MS", 400)
+    await store.ensure_tenant(db, TENANT, plugins={"testp": {}})
+    queue = RedisQueue(redis_client, settings.key_prefix, settings.queue)
+    broken = await store.create_pool(settings, max_size=1)
+    await broken.close()  # acquire() now fails: this writer cannot write a batch
+    dedicated = RunLedger(queue, broken, consumer="sched-cut-off", dedicated=True, block_ms=50)
+    worker = RunLedger(queue, db, consumer="worker-ok", block_ms=50)
+    await dedicated.ensure_group()
+    assert not await dedicated.standing_by()  # announced before its first batch
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(w.run(stop)) for w in (dedicated, worker)]
+    try:
+        await asyncio.sleep(0.1)
+        assert worker._standing_by
+        for i in range(5):
+            await redis_client.xadd(queue.keys.ledger, {"e": json.dumps(_entry(f"cut-{i}"))})
+        # the dedicated writer fails, its announcement expires, the worker writes every row
+        # (the ones the dedicated writer had read are claimed once idle: claim_idle_ms)
+        worker.claim_idle_ms = 200
+        await wait_until(
+            lambda: db.fetchval("SELECT count(*) = 5 FROM plugin_runs"), timeout=20, what="5 rows"
+        )
+        assert not worker._standing_by
+        # the dedicated writer gets a working pool: after its next batch it announces itself
+        dedicated.pool = db
+        await redis_client.xadd(queue.keys.ledger, {"e": json.dumps(_entry("cut-5"))})
+        await wait_until(lambda: worker._standing_by, timeout=20, what="the worker to stand by")
+        await wait_until(
+            lambda: db.fetchval("SELECT count(*) = 6 FROM plugin_runs"), timeout=20, what="6 rows"
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=15)
+    assert await db.fetchval("SELECT count(DISTINCT plugin_run_id) FROM plugin_runs") == 6
+
+
 def _entry(job_id: str) -> dict[str, Any]:
     """A ledger entry as finish.lua writes it for a completed attempt."""
     now = int(time.time() * 1000)
