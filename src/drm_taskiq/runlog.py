@@ -287,11 +287,11 @@ class RunLedger:
 
     A ``dedicated`` writer (``drm-taskiq ledger``, the scheduler process) announces itself in
     Redis while it runs and writes (``ledger-writer``, refreshed every second, expiring after
-    ``WRITER_TTL_MS``; not refreshed while its batches fail). A worker's writer (not dedicated) stands by while such an announcement
-    exists, so that its event loop runs jobs only, and writes again as soon as the last one
-    expired (a dedicated writer that stopped or died): entries never wait for a process nobody
-    runs. Entries a writer read but did not store are claimed by another after
-    ``claim_idle_ms``.
+    ``WRITER_TTL_MS``; not refreshed while its batches fail). A worker's writer (not
+    dedicated) stands by while such an announcement exists, so that its event loop runs jobs
+    only, and writes again as soon as the last one expired (a dedicated writer that stopped,
+    died or cannot write): entries never wait for a process nobody runs. Entries a writer read
+    but did not store are claimed by another after ``claim_idle_ms``.
     """
 
     WRITER_TTL_MS = 5_000
