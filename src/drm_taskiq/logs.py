@@ -182,7 +182,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         if log_format == "console"
         else [structlog.contextvars.merge_contextvars, _render_json]
     )
-    output = LoopBufferedLogger(sys.stderr)
+    output = _output_for(sys.stderr)
     structlog.configure(
         processors=chain,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
@@ -202,6 +202,21 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     # taskiq's receiver logs every execution at INFO ("Executing task ..."); our own job_started
     # says the same with the job's identity, so taskiq's INFO lines are noise on the hot path.
     logging.getLogger("taskiq.receiver.receiver").setLevel(max(logging.WARNING, root.level))
+
+
+_OUTPUT: list[LoopBufferedLogger] = []  # the logger of the last configure_logging call
+
+
+def _output_for(stream: TextIO) -> LoopBufferedLogger:
+    """One LoopBufferedLogger per stream: configuring again (tests, a second call) keeps the
+    pending lines in order and registers no further exit hooks; a new stream (pytest swaps
+    stderr) gets a new one, after what the previous one holds is written."""
+    if _OUTPUT and _OUTPUT[0]._file is stream:
+        return _OUTPUT[0]
+    if _OUTPUT:
+        _OUTPUT.pop().flush()
+    _OUTPUT.append(LoopBufferedLogger(stream))
+    return _OUTPUT[0]
 
 
 def _shared(logger: LoopBufferedLogger) -> Callable[..., LoopBufferedLogger]:

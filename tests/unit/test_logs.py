@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,3 +184,26 @@ def test_lines_pending_at_exit_are_written(tmp_path: Any) -> None:
         "forked worker",
         "main process",
     ]
+
+
+def test_configuring_again_keeps_one_buffered_output_per_stream(monkeypatch: Any) -> None:
+    """A second configure_logging on the same stderr reuses its buffered output (pending lines
+    keep their order, no more exit hooks); a new stderr gets a new one after the old one's
+    pending lines are written."""
+    import io
+
+    from drm_taskiq import logs
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging("json", "INFO")
+    output = logs._OUTPUT[0]
+    output._pending.append("pending line")
+    configure_logging("json", "INFO")
+    assert [output] == logs._OUTPUT
+    monkeypatch.setattr(sys, "stderr", second)
+    configure_logging("json", "INFO")
+    assert logs._OUTPUT[0] is not output and logs._OUTPUT[0]._file is second
+    assert first.getvalue() == "pending line\n"
+    monkeypatch.undo()
+    configure_logging("json", "INFO")  # back to the real stderr for the tests that follow
