@@ -901,7 +901,6 @@ class DrmScheduler(TaskiqScheduler):
             ledger = RunLedger.from_settings(
                 broker.queue, broker.pool, broker.settings, dedicated=True
             )
-            self._ledger_stop = asyncio.Event()
             self._ledger_task = asyncio.create_task(
                 ledger.run(self._ledger_stop), name="drm-ledger"
             )

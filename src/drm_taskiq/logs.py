@@ -95,11 +95,10 @@ class LoopBufferedLogger:
     loop's next pass, without a timer of their own (waking an idle process for a timer costs
     more than the write); otherwise a timer writes them when it is due, so that under load one
     write carries the lines of ``FLUSH_AFTER_S``. Without a running loop a line is written at
-    once, after what is pending. The
-    standard library's log records go through the same object (it is the handler's stream), so
-    lines keep their order. What is pending is written at exit (``atexit``, and
-    multiprocessing's exit hook in taskiq's worker processes); a killed process loses at most
-    the lines of its last ``FLUSH_AFTER_S``.
+    once, after what is pending. The standard library's log records go through the same object
+    (it is the handler's stream), so lines keep their order. What is pending is written at exit
+    (``atexit``, and multiprocessing's exit hook in taskiq's worker processes); a killed process
+    loses at most the lines of its last ``FLUSH_AFTER_S``.
     """
 
     FLUSH_AFTER_S = 0.005

@@ -357,12 +357,13 @@ class RunLedger:
             if healthy:
                 await self.queue.redis.set(key, self.consumer, px=self.WRITER_TTL_MS)
             return False
-        standing_by = bool(await self.queue.redis.exists(key))
+        writer = await self.queue.redis.get(key)
+        standing_by = writer is not None
         if standing_by != self._standing_by:
             log.info(
                 "ledger_standing_by" if standing_by else "ledger_writing",
                 consumer=self.consumer,
-                dedicated_writer=_text(await self.queue.redis.get(key)) if standing_by else None,
+                dedicated_writer=writer.decode() if isinstance(writer, bytes) else writer,
             )
         self._standing_by = standing_by
         return standing_by
@@ -374,7 +375,7 @@ class RunLedger:
             return
         key = self.queue.keys.ledger_writer
         with contextlib.suppress(Exception):
-            if _text(await self.queue.redis.get(key)) == self.consumer:
+            if await self.queue.redis.get(key) == self.consumer.encode():
                 await self.queue.redis.delete(key)
 
     async def ensure_group(self) -> None:
@@ -635,7 +636,3 @@ async def serve(settings: Settings) -> int:
         await pool.close()
         await redis.aclose()
     return 0
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
