@@ -387,6 +387,8 @@ async def phase_whatif(cfg: dict[str, Any], drm: DrmSystem) -> dict[str, Any]:
         "defaults (reference)": ({}, [], True),
         "no per-job log lines": ({"DRM_LOG_LEVEL": "WARNING"}, ["--log-level", "WARNING"], True),
         "WORKER_CONCURRENCY=100": ({"WORKER_CONCURRENCY": "100"}, [], True),
+        # taskiq's stock receiver (the later --receiver wins): what drm's receiver saves
+        "taskiq's own receiver": ({}, ["--receiver", "taskiq.receiver:Receiver"], True),
         # no scheduler process: the run ledger is written by the worker itself
         "ledger in the worker (no scheduler)": ({}, [], False),
     }

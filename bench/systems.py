@@ -171,9 +171,14 @@ class System:
         return int(info["used_memory"])
 
 
+# drm-taskiq's receiver, as the docs recommend (README, docs/operations.md)
+RECEIVER = ("--receiver", "drm_taskiq.receiver:Receiver")
+
+
 class DrmSystem(System):
     """drm-taskiq, all guarantees on, deployed as documented: ``taskiq worker
-    drm_taskiq.broker:broker`` and ``taskiq scheduler drm_taskiq.scheduler:sched``."""
+    drm_taskiq.broker:broker --receiver drm_taskiq.receiver:Receiver`` and ``taskiq scheduler
+    drm_taskiq.scheduler:sched``."""
 
     name = "drm"
     label = "drm-taskiq"
@@ -276,7 +281,9 @@ class DrmSystem(System):
         workers'). ``extra``: environment for both; ``argv``: more worker arguments."""
         extra = extra or {}
         env = drm_env(self.namespace, queue, BENCH_READY_KEY=self.ready_key(tag), **extra)
-        group = taskiq_worker(f"drm-{tag}", "drm_taskiq.broker:broker", workers, env, *argv)
+        group = taskiq_worker(
+            f"drm-{tag}", "drm_taskiq.broker:broker", workers, env, *RECEIVER, *argv
+        )
         if self.with_scheduler if with_scheduler is None else with_scheduler:
             command = [str(BIN_DIR / "taskiq"), "scheduler", "drm_taskiq.scheduler:sched"]
             env = drm_env(self.namespace, queue, **extra)

@@ -11,12 +11,12 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
-from taskiq.receiver import Receiver
 
 from drm_taskiq import store
 from drm_taskiq.jobs import JobScheduler
 from drm_taskiq.plugins import Plugin
 from drm_taskiq.queue_broker import DrmBroker
+from drm_taskiq.receiver import Receiver
 from drm_taskiq.settings import Settings, load_settings
 from tests.support.services import DATABASE_URL, REDIS_URL, require
 from tests.support.waiting import wait_until
@@ -79,7 +79,8 @@ async def tenant(db: asyncpg.Pool) -> str:
 
 
 class WorkerHandle:
-    """An in-process worker: a DrmBroker in worker mode driven by taskiq's Receiver."""
+    """An in-process worker: a DrmBroker in worker mode driven by drm-taskiq's Receiver (taskiq's
+    Receiver with the shortcut for leased jobs), as deployed."""
 
     def __init__(self, settings: Settings, setup: Callable[[JobScheduler], Any] | None) -> None:
         self.broker = DrmBroker(settings, own_process=False)

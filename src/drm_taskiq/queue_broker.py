@@ -93,6 +93,10 @@ class DrmBroker(ListQueueBroker):
         self.with_result_backend(JobResultBackend(settings))
         self.ledger: RunLedger | None = None
         self._held: dict[str, Delivery] = {}
+        # jobs leased by ``listen`` and not yet handed to the receiver
+        self._ready: deque[Delivery] = deque()
+        # set by drm_taskiq.receiver.Receiver, which takes ready jobs without a round trip
+        self.receiver_kind = "taskiq"
         self._started: dict[str, int] = {}
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._outcomes: dict[str, PendingOutcome] = {}
@@ -149,6 +153,7 @@ class DrmBroker(ListQueueBroker):
                 database=mask_url(self.settings.database_url),
                 concurrency=self.settings.worker_concurrency,
                 queue=self.settings.queue,
+                receiver=self.receiver_kind,
                 ledger="in worker unless a dedicated writer runs"
                 if self.settings.ledger_in_worker
                 else "separate",
@@ -253,8 +258,11 @@ class DrmBroker(ListQueueBroker):
         self._outcomes[job_id] = outcome
 
     async def listen(self) -> AsyncGenerator[bytes | AckableMessage, None]:  # type: ignore[override]
-        """Lease jobs while this process has capacity; yield them as ackable messages."""
-        buffer: deque[Delivery] = deque()
+        """Lease jobs while this process has capacity; yield them as ackable messages.
+
+        Jobs are leased in batches; those not handed out yet wait in ``_ready``, where
+        ``ready_message`` (drm-taskiq's receiver) also takes them from."""
+        buffer = self._ready
         outage_since: float | None = None
         failures = 0
         limit = self.settings.worker_concurrency
@@ -316,13 +324,20 @@ class DrmBroker(ListQueueBroker):
                     outage_since, failures = None, 0
                     buffer.extend(deliveries)
                     continue
-                delivery = buffer.popleft()
-                yield AckableMessage(
-                    data=delivery.message, ack=functools.partial(self._ack, delivery)
-                )
+                yield self._hand_out(buffer.popleft())
         finally:
             while buffer:
                 await asyncio.shield(self._give_back(buffer.popleft()))
+
+    def ready_message(self) -> AckableMessage | None:
+        """The next job already leased by ``listen`` and not handed out yet, if any: the
+        receiver takes it without waking the listener (no task, no round trip)."""
+        if self._closing or not self._ready:
+            return None
+        return self._hand_out(self._ready.popleft())
+
+    def _hand_out(self, delivery: Delivery) -> AckableMessage:
+        return AckableMessage(data=delivery.message, ack=functools.partial(self._ack, delivery))
 
     async def _fetch(
         self, count: int, short: bool, next_due: int | None

@@ -26,6 +26,8 @@ from drm_taskiq.redis_queue import QueueKeys
 from drm_taskiq.settings import Settings
 
 PLUGIN_SPEC = "tests.plugins.accept:plugin"
+DRM_RECEIVER = "drm_taskiq.receiver:Receiver"
+TASKIQ_RECEIVER = "taskiq.receiver:Receiver"
 TENANT = "acme"
 
 
@@ -50,9 +52,14 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def worker(self, **env: str | int | float) -> Proc:
-        """``taskiq worker drm_taskiq.broker:broker --workers 1``; ``env`` overrides variables."""
+    def worker(
+        self, *, receiver: str = DRM_RECEIVER, args: tuple[str, ...] = (), **env: str | int | float
+    ) -> Proc:
+        """``taskiq worker drm_taskiq.broker:broker --workers 1 --receiver ...`` (drm-taskiq's
+        receiver, as documented, unless ``receiver`` names another); ``args``: more arguments;
+        ``env`` overrides variables."""
         argv = [binary("taskiq"), "worker", "drm_taskiq.broker:broker", "--workers", "1"]
+        argv += ["--receiver", receiver, *args]
         return self._start("worker", argv, self.env(**env))
 
     def scheduler(self, **env: str | int | float) -> Proc:
@@ -71,9 +78,11 @@ class Processes:
         """Wait until ``proc`` logged ``event`` (with ``fields``); fail if it exits first."""
         return await wait_event(proc, event, timeout, **fields)
 
-    async def ready_worker(self, **env: str | int | float) -> Proc:
+    async def ready_worker(
+        self, *, receiver: str = DRM_RECEIVER, args: tuple[str, ...] = (), **env: str | int | float
+    ) -> Proc:
         """A worker that has loaded the ``accept`` plugin (its jobs are registered)."""
-        proc = self.worker(**env)
+        proc = self.worker(receiver=receiver, args=args, **env)
         await self.wait_event(proc, "plugin_loaded", plugin_id="accept")
         return proc
 

@@ -18,6 +18,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from tests.acceptance.conftest import (
+    DRM_RECEIVER,
+    TASKIQ_RECEIVER,
     Proc,
     Processes,
     count_jobs,
@@ -55,11 +57,19 @@ def _started(*procs: Proc) -> set[str]:
     return {event["job_id"] for proc in procs for event in proc.events("job_started")}
 
 
+@pytest.mark.parametrize("receiver", [DRM_RECEIVER, TASKIQ_RECEIVER], ids=["drm", "taskiq"])
 async def test_worker_process_runs_jobs_added_by_a_client(
-    procs: Processes, accept_client: JobScheduler, db: asyncpg.Pool, accept_tenant: str
+    procs: Processes,
+    accept_client: JobScheduler,
+    db: asyncpg.Pool,
+    accept_tenant: str,
+    receiver: str,
 ) -> None:
-    """20 jobs added with add_job are run by a worker process, one success row each."""
-    worker = await procs.ready_worker()
+    """20 jobs added with add_job are run by a worker process, one success row each, with
+    drm-taskiq's receiver and with taskiq's own."""
+    worker = await procs.ready_worker(receiver=receiver)
+    [started] = worker.events("worker_started")
+    assert started["receiver"] == ("drm" if receiver == DRM_RECEIVER else "taskiq")
     ids = await _add(accept_client, accept_tenant, "echo", [{"n": i} for i in range(20)])
     await wait_until(_completed(db, 20), timeout=30, procs=[worker], what="20 completed jobs")
     await asyncio.sleep(0.5)  # let any duplicate show up
@@ -169,6 +179,42 @@ async def test_sigterm_finishes_running_jobs_and_returns_the_rest(
     assert {(run["status"], run["attempt"]) for run in runs} == {("success", 1)}
     assert _started(fresh) == others
     assert Counter(e["job_id"] for e in await fetch_events(db, "sleep")) == Counter(ids)
+
+
+async def test_sigterm_returns_jobs_leased_but_not_yet_handed_to_the_receiver(
+    procs: Processes,
+    accept_client: JobScheduler,
+    db: asyncpg.Pool,
+    accept_tenant: str,
+    redis_client: aioredis.Redis,
+    keys: QueueKeys,
+) -> None:
+    """SIGTERM while the worker holds leased jobs its receiver has not taken yet (4 leased, one
+    slot): the running job finishes, the 3 others wait again at once, none is lost or re-run."""
+    worker = await procs.ready_worker(
+        args=("--max-async-tasks", "1"), WORKER_CONCURRENCY=4, DRM_SHUTDOWN_GRACE_S=10
+    )
+    ids = await _add(accept_client, accept_tenant, "sleep", [{"s": 1.5, "n": i} for i in range(6)])
+    await wait_until(
+        lambda: worker.events("job_started"), timeout=15, procs=[worker], what="a running job"
+    )
+    assert await redis_client.zcard(keys.active) == 4  # leased: 1 running, 3 ready in memory
+    running = _started(worker)
+    worker.send(signal.SIGTERM)
+    assert await wait_exit(worker, timeout=15) == 0
+    assert _started(worker) == running and len(running) == 1
+    waiting = {m.decode() for m in await redis_client.zrange(keys.wait, 0, -1)}
+    assert waiting == set(ids) - running
+    assert await redis_client.zcard(keys.active) == 0
+    returned = {e["job_id"] for e in worker.events("job_returned_to_queue")}
+    assert len(returned) == 3 and returned <= waiting
+
+    fresh = await procs.ready_worker(WORKER_CONCURRENCY=4)
+    await wait_until(_completed(db, 6), timeout=20, procs=[fresh], what="6 completed jobs")
+    await asyncio.sleep(0.5)
+    runs = await fetch_runs(db)
+    assert Counter(run["job_id"] for run in runs) == Counter(ids)
+    assert {(run["status"], run["attempt"]) for run in runs} == {("success", 1)}
 
 
 async def test_cron_fires_each_slot_once_with_two_schedulers(

@@ -1,0 +1,136 @@
+"""drm-taskiq's receiver: leased jobs handed over without a task, taskiq's limits kept."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from taskiq import AsyncBroker, BrokerMessage
+
+from drm_taskiq import JobScheduler
+from drm_taskiq.queue_broker import DrmBroker
+from drm_taskiq.receiver import Receiver
+from drm_taskiq.redis_queue import QueueKeys
+from drm_taskiq.settings import Settings
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.asyncio
+
+
+class _Runs:
+    """A job handler that records the job ids it ran."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def work(self, ctx: Any, job: Any) -> None:
+        self.ids.append(job.id)
+        await asyncio.sleep(0.01)
+
+    async def setup(self, s: JobScheduler) -> None:
+        await s.register_job("testp", "w", self.work)
+
+
+async def _worker(settings: Settings, runs: _Runs, **overrides: Any) -> DrmBroker:
+    broker = DrmBroker(settings.model_copy(update=overrides), own_process=False)
+    broker.is_worker_process = True
+    await broker.startup()
+    await runs.setup(JobScheduler(broker, plugins=[]))
+    return broker
+
+
+async def test_ready_jobs_are_handed_over_without_the_racing_path(
+    settings: Settings, client: JobScheduler, db: asyncpg.Pool, tenant: str
+) -> None:
+    """40 jobs taken 20 at a time: all run, and taskiq's per-message racing path (two tasks and
+    two waits) serves only the calls that had to go to Redis, not every job."""
+    runs = _Runs()
+    await runs.setup(client)
+    for i in range(40):
+        await client.add_job("testp", "w", i, {"job_id": f"r{i}"}, tenant_id=tenant)
+    broker = await _worker(settings, runs, worker_concurrency=20, take_batch=20)
+    receiver = Receiver(broker, max_async_tasks=100, run_startup=False)
+    assert broker.receiver_kind == "drm"
+    racing = 0
+    original = receiver._get_prefetched_message
+
+    async def counted(*args: Any) -> Any:
+        nonlocal racing
+        racing += 1
+        return await original(*args)
+
+    receiver._get_prefetched_message = counted  # type: ignore[method-assign]
+    finish = asyncio.Event()
+    listening = asyncio.create_task(receiver.listen(finish))
+    try:
+        await wait_for(lambda: db.fetchval("SELECT count(*) = 40 FROM jobs"), timeout=30)
+    finally:
+        finish.set()
+        await asyncio.wait_for(listening, timeout=30)
+        await broker.shutdown()
+    assert sorted(runs.ids) == sorted(f"r{i}" for i in range(40))
+    assert 2 <= racing <= 12  # a take (or a wait) per batch, not one per job
+
+
+async def test_max_tasks_per_child_stops_after_that_many_and_returns_the_rest(
+    settings: Settings,
+    client: JobScheduler,
+    db: asyncpg.Pool,
+    tenant: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """``--max-tasks-per-child 3`` with 10 jobs and 4 leased at a time: the receiver runs 3 and
+    stops; the jobs it had leased and not run wait again, none is lost."""
+    runs = _Runs()
+    await runs.setup(client)
+    ids = [f"m{i}" for i in range(10)]
+    for i, job_id in enumerate(ids):
+        await client.add_job("testp", "w", i, {"job_id": job_id}, tenant_id=tenant)
+    broker = await _worker(settings, runs, worker_concurrency=4, take_batch=4)
+    receiver = Receiver(broker, max_async_tasks=100, max_tasks_to_execute=3, run_startup=False)
+    try:
+        # no finish event: the receiver stops on its own after 3 jobs
+        await asyncio.wait_for(receiver.listen(asyncio.Event()), timeout=30)
+    finally:
+        await broker.shutdown()
+    assert len(runs.ids) == 3
+    keys = QueueKeys(settings.key_prefix, settings.queue)
+    assert await redis_client.zcard(keys.active) == 0
+    waiting = {m.decode() for m in await redis_client.zrange(keys.wait, 0, -1)}
+    assert waiting == set(ids) - set(runs.ids)
+
+
+class _ListBroker(AsyncBroker):
+    """A broker without ``ready_message``: yields the messages it was given, then stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[bytes] = []
+
+    async def kick(self, message: BrokerMessage) -> None:
+        self.messages.append(message.message)
+
+    async def listen(self) -> AsyncGenerator[bytes, None]:
+        while self.messages:
+            yield self.messages.pop(0)
+
+
+async def test_with_another_broker_it_is_taskiqs_receiver() -> None:
+    """A broker without ``ready_message``: the receiver runs its jobs like taskiq's own."""
+    broker = _ListBroker()
+    seen: list[int] = []
+
+    @broker.task
+    async def record(n: int) -> None:
+        seen.append(n)
+
+    for n in range(5):
+        await record.kiq(n)
+    receiver = Receiver(broker, max_async_tasks=10, run_startup=False)
+    assert not hasattr(broker, "receiver_kind")
+    await asyncio.wait_for(receiver.listen(asyncio.Event()), timeout=10)
+    assert sorted(seen) == [0, 1, 2, 3, 4]
