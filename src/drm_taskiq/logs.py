@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 from drm_taskiq import redaction
@@ -58,7 +59,7 @@ def _render_json(logger: Any, method_name: str, event_dict: structlog.typing.Eve
     event_dict = _STAMP(logger, method_name, event_dict)
     if "exc_info" in event_dict:
         event_dict = structlog.processors.format_exc_info(logger, method_name, event_dict)
-    return _JSON(_drop_secrets(logger, method_name, event_dict))
+    return _dumps(_drop_secrets(logger, method_name, event_dict))
 
 
 _LEVELS = {"warn": "warning", "exception": "error"}
@@ -72,6 +73,16 @@ def _json_fallback(value: Any) -> Any:
 
 
 _JSON = json.JSONEncoder(default=_json_fallback).encode
+
+
+def _dumps(event_dict: structlog.typing.EventDict) -> str:
+    """The event as JSON: orjson (a fifth of the standard library's cost; workers write two
+    lines per job), or the standard library for what orjson refuses (keys that are not
+    strings, integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(event_dict, default=_json_fallback).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return _JSON(event_dict)
 
 
 def _mask_nested(value: Any) -> Any:
