@@ -173,8 +173,15 @@ class LoopBufferedLogger:
             self._file.flush()
 
 
-def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
-    """Configure structlog and the standard library to write one event per line to stderr."""
+def configure_logging(
+    log_format: str = "json", level: str = "INFO", *, cache: bool = False
+) -> None:
+    """Configure structlog and the standard library to write one event per line to stderr.
+
+    ``cache``: each module's logger binds its configuration once, at its first event (structlog's
+    ``cache_logger_on_first_use``), instead of at every event; for processes that configure
+    logging once, before their first event, and log on the hot path (workers). Without it a
+    later ``configure_logging`` (tests) reaches every logger."""
     renderer: structlog.typing.Processor
     if log_format == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
@@ -197,7 +204,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         processors=chain,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         logger_factory=_shared(output),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache,
     )
     handler: logging.StreamHandler[Any] = logging.StreamHandler(output)
     handler.setFormatter(

@@ -122,7 +122,7 @@ class DrmBroker(ListQueueBroker):
         if self._started_up:
             return
         if self.is_worker_process and self.own_process:
-            configure_logging(self.settings.log_format, self.settings.log_level)
+            configure_logging(self.settings.log_format, self.settings.log_level, cache=True)
         self._stop = asyncio.Event()
         self._capacity = asyncio.Event()
         if self.settings.migrate_on_start:
