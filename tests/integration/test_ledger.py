@@ -1,0 +1,91 @@
+"""The run ledger writer against real Redis and PostgreSQL: hostile entries and refused rows."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from structlog.testing import capture_logs
+
+from drm_taskiq import store
+from drm_taskiq.options import storable_json
+from drm_taskiq.redis_queue import RedisQueue
+from drm_taskiq.runlog import RunLedger
+from drm_taskiq.settings import Settings
+
+pytestmark = pytest.mark.asyncio
+
+
+def _entry(job_id: str, **fields: Any) -> str:
+    """A ledger entry as finish.lua writes it (a completed attempt unless ``fields`` say)."""
+    now = int(time.time() * 1000)
+    body: dict[str, Any] = {
+        "id": job_id, "plugin": "testp", "tenant": "acme", "job": "work", "ts": str(now),
+        "started": str(now), "at": str(now), "attempt": 1, "status": "success",
+        "state": "completed", "final": 1, "outcome": "completed", "value": "null",
+        "extra": "{}", "gen": 0,
+    }  # fmt: skip
+    body.update(fields)
+    return json.dumps(body)
+
+
+async def _write(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis, *raw: str) -> int:
+    queue = RedisQueue(redis, settings.key_prefix, settings.queue)
+    ledger = RunLedger(queue, db, consumer="test")
+    await ledger.ensure_group()
+    for text in raw:
+        await redis.xadd(queue.keys.ledger, {"e": text})
+    written = await ledger.drain()
+    assert await redis.xlen(queue.keys.ledger) == 0  # settled: nothing left to write
+    return written
+
+
+async def test_hostile_text_in_a_failed_attempt_is_stored_not_refused(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    """NUL characters and lone surrogates in a failed attempt's reason, message and progress
+    are stored with replacements; the whole batch is written."""
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    hostile = "bad \ud800 and \x00 end"
+    failed = _entry(
+        "h-1",
+        status="error",
+        state="failed",
+        outcome="failed",
+        value=hostile,
+        msg=f'{{"args": ["{hostile}"]}}',
+        progress=storable_json({"note": hostile}),  # as Job.update_progress stores it
+    )
+    assert "\\ud800" in failed  # json.dumps escapes the lone surrogate, as a hostile writer could
+    assert await _write(settings, db, redis_client, _entry("h-0"), failed) == 2
+    runs = await db.fetch("SELECT status, error FROM plugin_runs ORDER BY status")
+    assert [r["status"] for r in runs] == ["error", "success"]
+    error = runs[0]["error"]
+    assert error.startswith("bad ") and "\\u0000" in error and "\ud800" not in error
+    job = await db.fetchrow("SELECT state, failed_reason, message FROM jobs WHERE job_id = 'h-1'")
+    assert job["state"] == "failed" and job["failed_reason"] == error
+    assert "\ud800" not in job["message"] and "\x00" not in job["message"]
+
+
+async def test_an_entry_json_cannot_carry_is_refused_alone(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    """An entry whose job id holds a lone surrogate (no producer writes one; a hand-written
+    entry can) is logged and dropped; the rest of its batch is written and the writer goes on
+    (it used to retry that batch for ever)."""
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    with capture_logs() as logs:
+        written = await _write(
+            settings, db, redis_client, _entry("ok-1"), _entry("bad-\ud800"), _entry("ok-2")
+        )
+    assert written == 3
+    rows = await db.fetch("SELECT job_id FROM jobs ORDER BY job_id")
+    assert [r["job_id"] for r in rows] == ["ok-1", "ok-2"]
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 2
+    events = [e["event"] for e in logs]
+    assert "ledger_batch_rejected" in events
+    assert events.count("ledger_entry_rejected") == 1
