@@ -67,7 +67,7 @@ def config(quick: bool) -> dict[str, Any]:
         "producers": [1, 32],
         "drain_jobs": 10_000,
         "drain_workers": [1, 2, 4],
-        "drain_rounds": 2,
+        "drain_rounds": 3,  # this VM's rounds vary by +-15%: best of 3 per system
         "latency_rate": 200,
         "latency_s": 10,
         "latency_rounds": 3,
