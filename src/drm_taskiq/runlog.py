@@ -444,16 +444,20 @@ class RunLedger:
         return out
 
     async def _linger(self, have: int) -> list[tuple[str, str]]:
-        """While entries keep arriving, collect more of them (up to a full batch, for at most
-        ``block_ms``) so that a busy queue is written in large transactions: one per job
-        costs the worker and PostgreSQL several times more per row. Looks every quarter of
-        ``block_ms`` and stops when a look brings nothing new, so a lone entry waits at most
-        that long; at a steady low rate this is a few reads per batch, not one per entry."""
+        """While entries keep arriving, collect more of them (up to a quarter of a batch, for
+        at most ``block_ms``) so that a trickle is written in transactions of many rows: one
+        per job costs the writer and PostgreSQL several times more per row. Looks every
+        quarter of ``block_ms`` and stops when a look brings nothing new, so a lone entry
+        waits at most that long; at a steady low rate this is a few reads per batch, not one
+        per entry. A busy stream is not waited for: what came in while the last batch was
+        being written (a quarter of a batch or more) is written at once, so the rows follow
+        the jobs closely under load instead of in ``block_ms`` steps."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.block_ms / 1000
         step = max(self.block_ms / 4000, 0.002)
+        enough = max(1, self.batch // 4)
         more: list[tuple[str, str]] = []
-        while have + len(more) < self.batch and loop.time() < deadline:
+        while have + len(more) < enough and loop.time() < deadline:
             await asyncio.sleep(step)
             got = await self._read(">", None, count=self.batch - have - len(more))
             if not got:

@@ -89,3 +89,38 @@ async def test_an_entry_json_cannot_carry_is_refused_alone(
     events = [e["event"] for e in logs]
     assert "ledger_batch_rejected" in events
     assert events.count("ledger_entry_rejected") == 1
+
+
+async def _reads_for_one_batch(
+    settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis, waiting: int
+) -> tuple[int, int]:
+    """(stream reads, rows written) of one blocking ``flush_once`` with ``waiting`` entries."""
+    queue = RedisQueue(redis, settings.key_prefix, settings.queue)
+    ledger = RunLedger(queue, db, consumer="test", batch=100, block_ms=400)
+    await ledger.ensure_group()
+    for i in range(waiting):
+        await redis.xadd(queue.keys.ledger, {"e": _entry(f"w{waiting}-{i}")})
+    reads = 0
+    original = ledger._read
+
+    async def counted(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        nonlocal reads
+        reads += 1
+        return await original(*args, **kwargs)
+
+    ledger._read = counted  # type: ignore[method-assign]
+    written = await ledger.flush_once(block=True)
+    return reads, written
+
+
+async def test_a_busy_stream_is_written_at_once_a_trickle_is_collected(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    """Batch 100: with 40 entries waiting (a quarter batch or more) the writer writes them after
+    its two reads (its own pending ones, then new ones), without lingering; with 3 waiting it
+    looks again for more before writing (and finds none)."""
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    assert await _reads_for_one_batch(settings, db, redis_client, 40) == (2, 40)
+    reads, written = await _reads_for_one_batch(settings, db, redis_client, 3)
+    assert (reads, written) == (3, 3)
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 43
