@@ -618,9 +618,12 @@ async def test_a_worker_at_a_low_rate_asks_redis_once_per_job(
     for i in range(10):
         await client.add_job("testp", "w", f"j{i}", tenant_id=tenant)
         await wait_for(lambda i=i: len(done) == i + 1, timeout=10, interval=0.005)
+    # The listener starts its next wait right after handing out a job, usually before the
+    # handler has run; on a loaded machine the last one may start just after: wait for it.
+    await wait_for(lambda: calls["wait_and_take"] >= 10, timeout=10, interval=0.005)
     # one waiting take per job (plus at most one renewal of the 1 s wait); no extra takes
     assert calls["take"] == 0, calls
-    assert 10 <= calls["wait_and_take"] <= 12, calls
+    assert calls["wait_and_take"] <= 12, calls
 
 
 async def test_a_workers_ledger_stands_by_while_a_dedicated_writer_is_announced(
