@@ -17,17 +17,15 @@ With any other broker it behaves exactly like taskiq's ``Receiver``. Measured in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from taskiq.receiver import Receiver as TaskiqReceiver
-from taskiq.receiver.receiver import _PrefetchedMessage, _PrefetchState, _QueueSignal
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from taskiq import AckableMessage
+    from taskiq.receiver.receiver import _PrefetchState
 
 __all__ = ["Receiver"]
 
@@ -43,45 +41,19 @@ class Receiver(TaskiqReceiver):
         if self._ready is not None:
             self.broker.receiver_kind = "drm"  # type: ignore[attr-defined]
 
-    async def prefetcher(
+    async def _get_prefetched_message(
         self,
-        queue: asyncio.Queue[_PrefetchedMessage | _QueueSignal],
+        state: _PrefetchState,
         finish_event: asyncio.Event,
-    ) -> None:
-        """taskiq's prefetcher, with a shortcut for a message that is ready and a free slot."""
-        ready = self._ready
-        if ready is None:
-            await super().prefetcher(queue, finish_event)
-            return
-        state = _PrefetchState(iterator=self.broker.listen())
-        fetched_tasks = 0
-        finish_waiter = asyncio.create_task(finish_event.wait())
-        try:
-            while not self._should_stop_prefetch(finish_event, fetched_tasks):
-                message: bytes | AckableMessage | None = None
-                if not self.sem_prefetch.locked():
-                    message = ready()
-                if message is not None:
-                    # a free slot: acquire() returns without suspending
-                    await self.sem_prefetch.acquire()
-                else:
-                    try:
-                        message = await self._get_prefetched_message(
-                            state, finish_event, finish_waiter
-                        )
-                    except StopAsyncIteration:
-                        break
-                    if message is None:
-                        continue
-                    state.owns_delivery_slot = False
-                fetched_tasks += 1
-                queue.put_nowait(_PrefetchedMessage(data=message, owns_delivery_slot=True))
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._enqueue_late_prefetched_message(queue, state)
-                finally:
-                    queue.put_nowait(_QueueSignal.DONE)
-                    finish_waiter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await finish_waiter
+        finish_waiter: asyncio.Task[bool],
+    ) -> bytes | AckableMessage | None:
+        """What taskiq's prefetcher asks for each message: a delivery slot, then the next
+        message. With a free slot and a message the broker already holds, both are taken here
+        at once; otherwise taskiq's own path races them against the shutdown event."""
+        if self._ready is not None and not self.sem_prefetch.locked():
+            message = self._ready()
+            if message is not None:
+                await self.sem_prefetch.acquire()  # a free slot: returns without suspending
+                state.owns_delivery_slot = True
+                return message
+        return await super()._get_prefetched_message(state, finish_event, finish_waiter)

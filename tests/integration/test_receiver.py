@@ -56,14 +56,14 @@ async def test_ready_jobs_are_handed_over_without_the_racing_path(
     receiver = Receiver(broker, max_async_tasks=100, run_startup=False)
     assert broker.receiver_kind == "drm"
     racing = 0
-    original = receiver._get_prefetched_message
+    original = receiver._acquire_delivery_slot  # the first step of taskiq's racing path
 
     async def counted(*args: Any) -> Any:
         nonlocal racing
         racing += 1
         return await original(*args)
 
-    receiver._get_prefetched_message = counted  # type: ignore[method-assign]
+    receiver._acquire_delivery_slot = counted  # type: ignore[method-assign]
     finish = asyncio.Event()
     listening = asyncio.create_task(receiver.listen(finish))
     try:
