@@ -2,8 +2,8 @@
 
 A job's attempt is settled in Redis by one Lua script that also appends a ledger entry to a
 stream (so the entry exists exactly when the job is acknowledged). :class:`RunLedger` reads the
-stream with a consumer group, writes each batch in one transaction (``plugin_runs``, ``jobs`` and
-``taskiq_results``), and only then acknowledges the entries. Row ids are derived from
+stream with a consumer group, writes each batch with one statement (``plugin_runs``, ``jobs`` and
+``taskiq_results``; one transaction), and only then acknowledges the entries. Row ids are derived from
 (job id, attempt), so writing an entry twice leaves one row. While PostgreSQL is down, entries
 wait in Redis; they are written when it returns.
 """
@@ -40,37 +40,39 @@ _datetime = functools.lru_cache(maxsize=4096)(ms_to_datetime)
 
 RUN_NAMESPACE = uuid.UUID("5d1c7a52-7f0e-4d55-9a59-3b9f8f1f2c11")
 
-# Each statement takes its batch as one JSON array of rows (each row an array, in the column
-# order below): encoding it with orjson costs the writer a fraction of what asyncpg spends
-# encoding one PostgreSQL array per column, and jsonb's element access is cheap on the server.
-_INSERT_RUNS = """
-INSERT INTO plugin_runs
-  (plugin_run_id, plugin_id, tenant_id, hook_name, args_hash, status, result, error, executed_at)
-SELECT (r->>0)::uuid, r->>1, r->>2, r->>3, NULL, r->>4, r->5, r->>6, (r->>7)::timestamptz
-FROM jsonb_array_elements($1::jsonb) AS r
-WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = r->>2)
-ON CONFLICT (plugin_run_id) DO NOTHING
-"""
-
-_UPSERT_JOBS = """
+# A batch is written by one statement (one round trip, atomic without BEGIN/COMMIT): its
+# data-modifying CTEs insert the attempts' plugin_runs rows ($1) and the final states' jobs and
+# taskiq_results rows ($3; $2 is the queue). Each array is one JSON text of rows (each row an
+# array, in the column order below): encoding it with orjson costs the writer a fraction of
+# what asyncpg spends encoding one PostgreSQL array per column, and jsonb's element access is
+# cheap on the server. The three tables are independent, so the CTEs sharing one snapshot
+# changes nothing.
+_WRITE_BATCH = """
+WITH runs AS (
+  INSERT INTO plugin_runs
+    (plugin_run_id, plugin_id, tenant_id, hook_name, args_hash, status, result, error,
+     executed_at)
+  SELECT (r->>0)::uuid, r->>1, r->>2, r->>3, NULL, r->>4, r->5, r->>6, (r->>7)::timestamptz
+  FROM jsonb_array_elements($1::jsonb) AS r
+  WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = r->>2)
+  ON CONFLICT (plugin_run_id) DO NOTHING
+), results AS (
+  INSERT INTO taskiq_results (task_id, result, progress)
+  SELECT j->>0, convert_to(j->>13, 'UTF8'), NULL
+  FROM jsonb_array_elements($3::jsonb) AS j
+  ON CONFLICT (task_id) DO UPDATE SET result = EXCLUDED.result
+)
 INSERT INTO jobs (job_id, queue, plugin_id, tenant_id, job_name, state, attempts_made, progress,
                   returnvalue, failed_reason, created_at, finished_at, message, generation)
-SELECT j->>0, $1, j->>1, j->>2, j->>3, j->>4, (j->>5)::int, (j->>6)::jsonb, (j->>7)::jsonb,
+SELECT j->>0, $2, j->>1, j->>2, j->>3, j->>4, (j->>5)::int, (j->>6)::jsonb, (j->>7)::jsonb,
        j->>8, (j->>9)::timestamptz, (j->>10)::timestamptz, j->>11, (j->>12)::int
-FROM jsonb_array_elements($2::jsonb) AS j
+FROM jsonb_array_elements($3::jsonb) AS j
 WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = j->>2)
 ON CONFLICT (job_id) DO UPDATE SET
   state = EXCLUDED.state, attempts_made = EXCLUDED.attempts_made, progress = EXCLUDED.progress,
   returnvalue = EXCLUDED.returnvalue, failed_reason = EXCLUDED.failed_reason,
   finished_at = EXCLUDED.finished_at, message = EXCLUDED.message, generation = EXCLUDED.generation
 WHERE jobs.generation <= EXCLUDED.generation
-"""
-
-_UPSERT_RESULTS = """
-INSERT INTO taskiq_results (task_id, result, progress)
-SELECT j->>0, convert_to(j->>13, 'UTF8'), NULL
-FROM jsonb_array_elements($1::jsonb) AS j
-ON CONFLICT (task_id) DO UPDATE SET result = EXCLUDED.result
 """
 
 
@@ -212,7 +214,8 @@ async def write_entries(
     queue_name: str,
     entries: list[LedgerEntry],
 ) -> None:
-    """Write ledger entries in one transaction; entries already written change nothing.
+    """Write ledger entries in one statement (one transaction); entries already written change
+    nothing.
 
     The rows are prepared in slices, letting the event loop run between them: the ledger
     shares its process with running jobs, and a large batch must not hold them up."""
@@ -254,14 +257,8 @@ async def write_entries(
                     _taskiq_result(e),
                 )
             )
-    runs_json = _rows_json(runs) if runs else ""
-    finals_json = _rows_json(finals) if finals else ""
-    async with conn.transaction():
-        if runs:
-            await conn.execute(_INSERT_RUNS, runs_json)
-        if finals:
-            await conn.execute(_UPSERT_JOBS, queue_name, finals_json)
-            await conn.execute(_UPSERT_RESULTS, finals_json)
+    if runs or finals:
+        await conn.execute(_WRITE_BATCH, _rows_json(runs), queue_name, _rows_json(finals))
 
 
 def _run_result(e: LedgerEntry) -> str:
@@ -352,6 +349,9 @@ class RunLedger:
         self._group_ready = False
         self._checked_at = float("-inf")
         self._standing_by = False
+        # No entry was read by this consumer and left unsettled: a batch starts with the new
+        # ones (one XREADGROUP fewer per batch). Cleared before every write, and by a claim.
+        self._caught_up = False
 
     @classmethod
     def from_settings(
@@ -468,12 +468,17 @@ class RunLedger:
     async def flush_once(self, *, block: bool = False) -> int:
         """Write one batch: this consumer's unacknowledged entries first, then new ones."""
         await self.ensure_group()
-        items = await self._read("0", None)
+        items = [] if self._caught_up else await self._read("0", None)
+        pending = bool(items)
         if not items:
+            # Until the batch is settled: a read that fails may have been delivered all the
+            # same (the entries are then this consumer's pending ones).
+            self._caught_up = False
             items = await self._read(">", self.block_ms if block else None)
             if block and items:
                 items += await self._linger(len(items))
         if not items:
+            self._caught_up = True
             return 0
         entries: list[LedgerEntry] = []
         unreadable: list[str] = []
@@ -498,6 +503,8 @@ class RunLedger:
             + [(entry_id, "", "") for entry_id in unreadable],
             self.retention_ms,
         )
+        # every entry read is settled; a full batch of pending ones may have left more
+        self._caught_up = not (pending and len(items) >= self.batch)
         return len(items)
 
     async def _write_one_by_one(self, entries: list[LedgerEntry]) -> list[str]:
@@ -534,6 +541,7 @@ class RunLedger:
         if len(claimed) >= 2 and isinstance(claimed[1], list):  # [next id, ids, deleted ids]
             claimed = claimed[1]
         if claimed:
+            self._caught_up = False  # the claimed entries are this consumer's pending ones now
             log.info("ledger_entries_claimed", count=len(claimed))
         return len(claimed)
 

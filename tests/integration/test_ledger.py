@@ -124,3 +124,70 @@ async def test_a_busy_stream_is_written_at_once_a_trickle_is_collected(
     reads, written = await _reads_for_one_batch(settings, db, redis_client, 3)
     assert (reads, written) == (3, 3)
     assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 43
+
+
+async def test_a_batch_is_one_statement_and_a_caught_up_writer_reads_only_new_entries(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    """Each batch reaches PostgreSQL as one statement (no BEGIN/COMMIT round trips); a writer
+    whose last batch was settled asks Redis only for new entries; one whose write failed reads
+    its own unsettled entries first, and writes them."""
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    statements: list[str] = []
+
+    async def log_queries(conn: asyncpg.Connection) -> None:
+        # what the pool itself sends when a connection is given back is not the ledger's
+        conn.add_query_logger(
+            lambda record: (
+                statements.append(record.query)
+                if "pg_advisory_unlock_all" not in record.query
+                else None
+            )
+        )
+
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=1,
+        server_settings={"search_path": f"{settings.db_schema},public"},
+        init=log_queries,
+    )
+    queue = RedisQueue(redis_client, settings.key_prefix, settings.queue)
+    ledger = RunLedger(queue, pool, consumer="test", batch=100)
+    await ledger.ensure_group()
+    starts: list[str] = []
+    original = ledger._read
+
+    async def counted(start: str, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        starts.append(start)
+        return await original(start, *args, **kwargs)
+
+    ledger._read = counted  # type: ignore[method-assign]
+
+    async def flush(count: int, tag: str) -> int:
+        for i in range(count):
+            await redis_client.xadd(queue.keys.ledger, {"e": _entry(f"{tag}-{i}")})
+        starts.clear()
+        statements.clear()
+        return await ledger.flush_once()
+
+    assert await flush(30, "first") == 30
+    assert starts == ["0", ">"]  # a new writer looks for entries left unsettled first
+    assert len(statements) == 1 and "INSERT INTO plugin_runs" in statements[0]
+    assert await flush(30, "second") == 30
+    assert starts == [">"]
+    assert len(statements) == 1
+
+    # PostgreSQL cannot be reached (the pool is closed): the batch read stays unsettled
+    await pool.close()
+    with pytest.raises(asyncpg.InterfaceError):
+        await flush(5, "third")
+    assert starts == [">"]
+    ledger.pool = db
+    starts.clear()
+    assert await ledger.flush_once() == 5
+    assert starts == ["0"]
+    assert await redis_client.xlen(queue.keys.ledger) == 0
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 65
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 65
+    assert await db.fetchval("SELECT count(*) FROM taskiq_results") == 65
