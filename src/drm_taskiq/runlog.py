@@ -2,10 +2,10 @@
 
 A job's attempt is settled in Redis by one Lua script that also appends a ledger entry to a
 stream (so the entry exists exactly when the job is acknowledged). :class:`RunLedger` reads the
-stream with a consumer group, writes each batch with one statement (``plugin_runs``, ``jobs`` and
-``taskiq_results``; one transaction), and only then acknowledges the entries. Row ids are derived from
-(job id, attempt), so writing an entry twice leaves one row. While PostgreSQL is down, entries
-wait in Redis; they are written when it returns.
+stream with a consumer group, writes each batch with one statement (``plugin_runs``, ``jobs``
+and ``taskiq_results``; one transaction), and only then acknowledges the entries. Row ids are
+derived from (job id, attempt), so writing an entry twice leaves one row. While PostgreSQL is
+down, entries wait in Redis; they are written when it returns.
 """
 
 from __future__ import annotations
