@@ -51,6 +51,7 @@ from drm_taskiq.redis_queue import (
     Settlement,
     now_ms,
     pack_with_hiredis,
+    pool_options,
 )
 from drm_taskiq.results import JobResultBackend
 from drm_taskiq.runlog import RunLedger
@@ -77,6 +78,7 @@ class DrmBroker(ListQueueBroker):
             queue_name=settings.queue,
             max_connection_pool_size=max(50, settings.worker_concurrency + 20),
             timeout=None,
+            **pool_options(),
         )
         self.settings = settings
         self.own_process = own_process

@@ -52,6 +52,21 @@ def pack_with_hiredis(pool: ConnectionPool) -> None:
         pool.connection_class = HiredisPackingConnection
 
 
+def pool_options() -> dict[str, Any]:
+    """Connection-pool options for every Redis client drm-taskiq makes.
+
+    redis-py 8 (maintenance notifications ``"auto"``, its default) skips the check a pool runs
+    on a connection before handing it out, so a connection the server closed (a restart, an
+    idle timeout, CLIENT KILL) failed the next command sent on it: the first calls after a Redis
+    restart raised ConnectionError. Those notifications need RESP3 and a Redis Enterprise/Cloud
+    server; turned off, a closed connection is found and reconnected before use."""
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig  # noqa: PLC0415
+    except ImportError:  # redis-py before 7: no such notifications, the check always runs
+        return {}
+    return {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+
 def now_ms() -> int:
     """Wall-clock time in milliseconds, the unit of every timestamp in Redis."""
     return int(time.time() * 1000)
@@ -200,6 +215,11 @@ def _load_scripts(redis: Redis) -> dict[str, AsyncScript]:
     return scripts
 
 
+# Connections a queue keeps per script (``_run_kept``): concurrent producers in one process
+# each get one, up to this many; the broker's pool has at least 50.
+KEPT_PER_SCRIPT = 8
+
+
 class RedisQueue:
     """The job operations of one queue; each is one round trip to Redis."""
 
@@ -207,9 +227,10 @@ class RedisQueue:
         self.redis = redis
         self.keys = QueueKeys(prefix, queue)
         self._scripts = _load_scripts(redis)
-        # script name -> the connection kept for its calls, when not in use (see _run_kept)
-        self._kept: dict[str, _KeptConnection] = {}
-        self._kept_busy: set[str] = set()
+        # script name -> the connections kept for its calls that are idle now, and how many
+        # it keeps in all (see _run_kept)
+        self._kept: dict[str, list[_KeptConnection]] = {}
+        self._kept_count: dict[str, int] = {}
 
     def _enqueue_call(self, request: EnqueueRequest, now: int) -> tuple[list[str], list[Any]]:
         return self._enqueue_args(
@@ -278,21 +299,24 @@ class RedisQueue:
 
     async def _run_kept(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Script ``name`` on a connection this queue keeps for it: ``enqueue.lua`` for
-        :meth:`enqueue` (a producer that awaits each job makes one call at a time) and
-        ``finish.lua`` for :meth:`finish_many` (a worker sends one batch at a time).
+        :meth:`enqueue` and ``finish.lua`` for :meth:`finish_many`.
 
         Taking a connection from the broker's BlockingConnectionPool and giving it back for each
         call (a condition, a timeout scope, events) cost a producer about 15% of its CPU per
-        job. The kept connection stays counted as in use by the pool, whose ``disconnect()``
-        closes it, and is checked before each call as the pool checks the connections it hands
-        out. While it is busy (concurrent calls), calls take pool connections as before; after
-        an error it goes back to the pool."""
+        job. A queue keeps up to ``KEPT_PER_SCRIPT`` connections per script: a call takes an
+        idle one, or (while fewer are kept) a new one from the pool that it keeps afterwards, so
+        concurrent producers get the cheap path too; beyond that, calls take pool connections
+        as before. Kept connections stay counted as in use by the pool, whose ``disconnect()``
+        closes them, and each is checked before a call as the pool checks the connections it
+        hands out. After an error a connection goes back to the pool."""
         script = self._scripts[name]
-        kept = self._kept.pop(name, None)
-        if kept is None and name in self._kept_busy:
+        idle = self._kept.setdefault(name, [])
+        kept = idle.pop() if idle else None
+        if kept is None and self._kept_count.get(name, 0) >= KEPT_PER_SCRIPT:
             return await script(keys=keys, args=args)
         pool = self.redis.connection_pool
-        self._kept_busy.add(name)
+        if kept is None:
+            self._kept_count[name] = self._kept_count.get(name, 0) + 1
         try:
             if kept is None:
                 connection = await pool.get_connection(*_GET_CONNECTION_ARGS)  # type: ignore[no-untyped-call]
@@ -301,12 +325,11 @@ class RedisQueue:
             # AsyncScript takes any client with evalsha and script_load (it is given pipelines)
             reply = await script(keys=keys, args=args, client=kept)  # type: ignore[arg-type]
         except BaseException:
-            self._kept_busy.discard(name)
+            self._kept_count[name] -= 1
             if kept is not None:
                 await pool.release(kept.connection)
             raise
-        self._kept[name] = kept
-        self._kept_busy.discard(name)
+        idle.append(kept)
         return reply
 
     async def enqueue_many(self, requests: Sequence[EnqueueRequest]) -> list[tuple[int, str]]:

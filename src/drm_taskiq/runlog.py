@@ -30,7 +30,7 @@ from redis.exceptions import ResponseError
 from taskiq import TaskiqResult
 
 from drm_taskiq.options import JobMetadata, ms_to_datetime
-from drm_taskiq.redis_queue import LEDGER_GROUP, RedisQueue
+from drm_taskiq.redis_queue import LEDGER_GROUP, RedisQueue, pool_options
 from drm_taskiq.settings import Settings, mask_url
 
 log = structlog.get_logger()
@@ -657,7 +657,7 @@ async def serve(settings: Settings) -> int:
     if settings.migrate_on_start:
         await store.migrate(settings)
     pool = await store.create_pool(settings, max_size=2)
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url, **pool_options())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

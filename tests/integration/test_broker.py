@@ -10,16 +10,19 @@ import pytest
 import redis.asyncio as aioredis
 
 from drm_taskiq import JobScheduler
-from drm_taskiq.queue_broker import Batcher
+from drm_taskiq.queue_broker import Batcher, DrmBroker
 from drm_taskiq.redis_queue import (
+    KEPT_PER_SCRIPT,
     Delivery,
     EnqueueRequest,
     RedisQueue,
     Settlement,
     StalledJob,
     now_ms,
+    pool_options,
 )
 from drm_taskiq.runlog import RunLedger
+from drm_taskiq.settings import load_settings
 from tests.conftest import wait_for
 from tests.support.services import PrivateRedis
 
@@ -453,6 +456,84 @@ async def test_enqueue_many_answers_each_job_as_enqueue_would(
     binary = bytes(range(256))
     assert await queue.enqueue_many([EnqueueRequest("bin", binary)]) == [(1, "waiting")]
     assert await redis_client.hget(queue.keys.job("bin"), "msg") == binary
+
+
+async def test_concurrent_producers_reuse_kept_connections_and_survive_their_loss() -> None:
+    """40 concurrent enqueues: each succeeds, up to KEPT_PER_SCRIPT connections are kept for
+    the enqueue script and the others go back to the pool; later calls, one at a time or
+    concurrent, open no new connections; after the server closed every connection, the next
+    calls reconnect and succeed (on a Redis of the test's own: its clients are killed)."""
+    server = PrivateRedis()
+    server.start()
+    pool = aioredis.BlockingConnectionPool.from_url(
+        server.url, max_connections=50, **pool_options()
+    )
+    redis = aioredis.Redis(connection_pool=pool)
+    admin = aioredis.Redis.from_url(server.url)
+
+    async def enqueue(job_id: str) -> tuple[int, str]:
+        return await queue.enqueue(job_id, b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={})
+
+    async def connections() -> int:
+        return len(await admin.client_list()) - 1  # the admin connection itself
+
+    try:
+        queue = RedisQueue(redis, "drm-test", "q")
+        answers = await asyncio.gather(*(enqueue(f"a{i}") for i in range(40)))
+        assert answers == [(1, "waiting")] * 40
+        assert len(queue._kept["enqueue"]) == KEPT_PER_SCRIPT  # idle again, kept
+        opened = await connections()
+        for i in range(10):
+            assert await enqueue(f"b{i}") == (1, "waiting")
+        await asyncio.gather(*(enqueue(f"c{i}") for i in range(40)))
+        assert await connections() == opened
+        assert len(queue._kept["enqueue"]) == KEPT_PER_SCRIPT
+
+        await admin.client_kill_filter(_type="normal", skipme=True)
+
+        async def all_closed() -> bool:
+            return await connections() == 0
+
+        await wait_for(all_closed, timeout=10)
+        answers = await asyncio.gather(*(enqueue(f"d{i}") for i in range(40)))
+        assert answers == [(1, "waiting")] * 40
+        assert await queue.counts() == {"waiting": 130, "delayed": 0, "active": 0}
+        assert len(queue._kept["enqueue"]) == KEPT_PER_SCRIPT
+    finally:
+        await pool.disconnect()  # kept connections too: the pool counts them as in use
+        await admin.aclose()
+        server.cleanup()
+
+
+async def test_a_producer_enqueues_without_an_error_after_a_redis_restart() -> None:
+    """A producer whose connections the server closed (a restart) reconnects before using
+    them: no enqueue after the restart fails (redis-py 8, by default, sent the next command on
+    each closed connection and raised ConnectionError)."""
+    server = PrivateRedis()
+    server.start()
+    broker = DrmBroker(
+        load_settings(redis_url=server.url, entry_points=False, key_prefix="drm-test"),
+        own_process=False,
+    )
+
+    async def enqueue(job_id: str) -> tuple[int, str]:
+        return await broker.queue.enqueue(
+            job_id, b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={}
+        )
+
+    try:
+        await asyncio.gather(*(enqueue(f"a{i}") for i in range(20)))
+        server.stop()
+        server.start()
+        await asyncio.sleep(0.2)  # the event loop sees the closed sockets (as while a restart runs)
+        for i in range(20):  # one at a time: each kept connection is met in turn
+            assert await enqueue(f"b{i}") == (1, "waiting")
+        answers = await asyncio.gather(*(enqueue(f"c{i}") for i in range(20)))
+        assert answers == [(1, "waiting")] * 20
+        assert await broker.queue.counts() == {"waiting": 60, "delayed": 0, "active": 0}
+    finally:
+        await broker.connection_pool.disconnect()
+        server.cleanup()
 
 
 async def test_batcher_never_leaves_a_caller_waiting() -> None:
