@@ -220,7 +220,10 @@ async def write_entries(
     The rows are prepared in slices, letting the event loop run between them: the ledger
     shares its process with running jobs, and a large batch must not hold them up."""
     runs: list[tuple[Any, ...]] = []
-    finals: list[tuple[Any, ...]] = []
+    # one final state per job: a job failed and retried by hand before its failure was written
+    # has two final entries in a batch (one statement may not upsert a row twice); entries come
+    # in stream order, so the later one (the newer run) wins
+    finals: dict[str, tuple[Any, ...]] = {}
     for index, e in enumerate(entries):
         if index and index % YIELD_EVERY == 0:
             await asyncio.sleep(0)
@@ -239,26 +242,26 @@ async def write_entries(
             )
         )
         if e.final:
-            finals.append(
-                (
-                    e.job_id,
-                    e.plugin_id,
-                    e.tenant_id,
-                    e.job_name,
-                    e.state,
-                    e.attempt,
-                    e.progress,
-                    e.value if e.state == "completed" and e.value else None,
-                    e.value if e.state == "failed" else None,
-                    e.created,
-                    e.at,
-                    e.message if e.state == "failed" else None,
-                    e.generation,
-                    _taskiq_result(e),
-                )
+            finals[e.job_id] = (
+                e.job_id,
+                e.plugin_id,
+                e.tenant_id,
+                e.job_name,
+                e.state,
+                e.attempt,
+                e.progress,
+                e.value if e.state == "completed" and e.value else None,
+                e.value if e.state == "failed" else None,
+                e.created,
+                e.at,
+                e.message if e.state == "failed" else None,
+                e.generation,
+                _taskiq_result(e),
             )
     if runs or finals:
-        await conn.execute(_WRITE_BATCH, _rows_json(runs), queue_name, _rows_json(finals))
+        await conn.execute(
+            _WRITE_BATCH, _rows_json(runs), queue_name, _rows_json(list(finals.values()))
+        )
 
 
 def _run_result(e: LedgerEntry) -> str:

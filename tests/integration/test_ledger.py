@@ -191,3 +191,28 @@ async def test_a_batch_is_one_statement_and_a_caught_up_writer_reads_only_new_en
     assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 65
     assert await db.fetchval("SELECT count(*) FROM jobs") == 65
     assert await db.fetchval("SELECT count(*) FROM taskiq_results") == 65
+
+
+async def test_two_final_attempts_of_one_job_in_one_batch_are_both_recorded(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    """A job that failed and was retried by hand before the ledger wrote its failure (a
+    PostgreSQL outage, a lagging writer) has two final entries in one batch: both attempts get
+    their plugin_runs row, jobs and taskiq_results keep the newer run, and the batch is not
+    refused."""
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    failed = _entry("twice", status="error", state="failed", outcome="failed", value="boom", gen=0)
+    completed = _entry("twice", value='{"ok": 1}', gen=1)
+    other = _entry("other")
+    assert await _write(settings, db, redis_client, failed, completed, other) == 3
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 3
+    row = await db.fetchrow(
+        "SELECT state, generation, returnvalue FROM jobs WHERE job_id = 'twice'"
+    )
+    assert (row["state"], row["generation"], json.loads(row["returnvalue"])) == (
+        "completed",
+        1,
+        {"ok": 1},
+    )
+    result = await db.fetchval("SELECT result FROM taskiq_results WHERE task_id = 'twice'")
+    assert json.loads(result)["is_err"] is False
