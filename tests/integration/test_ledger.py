@@ -216,3 +216,26 @@ async def test_two_final_attempts_of_one_job_in_one_batch_are_both_recorded(
     )
     result = await db.fetchval("SELECT result FROM taskiq_results WHERE task_id = 'twice'")
     assert json.loads(result)["is_err"] is False
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="documented limitation (docs/failures.md): an older run written after a newer one"
+    " replaces its taskiq_results row (jobs keeps the higher generation)",
+)
+async def test_an_older_run_written_late_does_not_replace_the_newer_result(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    """The retried run's completion is written first and the earlier run's failure later (an
+    entry another writer had read and a claim brought back): the failure gets its plugin_runs
+    row, while jobs and taskiq_results keep the newer, completed run."""
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    completed = _entry("late", value='{"ok": 1}', gen=1)
+    failed = _entry("late", status="error", state="failed", outcome="failed", value="boom", gen=0)
+    assert await _write(settings, db, redis_client, completed) == 1
+    assert await _write(settings, db, redis_client, failed) == 1
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 2
+    row = await db.fetchrow("SELECT state, generation FROM jobs WHERE job_id = 'late'")
+    assert (row["state"], row["generation"]) == ("completed", 1)
+    result = await db.fetchval("SELECT result FROM taskiq_results WHERE task_id = 'late'")
+    assert json.loads(result)["is_err"] is False
