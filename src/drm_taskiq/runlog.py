@@ -500,7 +500,8 @@ class RunLedger:
             # One entry PostgreSQL will never accept must not hold back every other row.
             log.warning("ledger_batch_rejected", error=f"{type(exc).__name__}: {exc}")
             unreadable += await self._write_one_by_one(entries)
-            entries = [e for e in entries if e.entry_id not in set(unreadable)]
+            dropped = set(unreadable)
+            entries = [e for e in entries if e.entry_id not in dropped]
         await self.queue.settle_ledger(
             [(e.entry_id, e.job_id, e.at_ms if e.final else "") for e in entries]
             + [(entry_id, "", "") for entry_id in unreadable],
