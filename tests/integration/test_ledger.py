@@ -91,6 +91,20 @@ async def test_an_entry_json_cannot_carry_is_refused_alone(
     assert events.count("ledger_entry_rejected") == 1
 
 
+def _record_reads(ledger: RunLedger) -> list[str]:
+    """The start id of each stream read ``ledger`` makes from now on ("0": its own unsettled
+    entries, ">": new ones), appended to the list returned."""
+    starts: list[str] = []
+    original = ledger._read
+
+    async def recorded(start: str, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        starts.append(start)
+        return await original(start, *args, **kwargs)
+
+    ledger._read = recorded  # type: ignore[method-assign]
+    return starts
+
+
 async def _reads_for_one_batch(
     settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis, waiting: int
 ) -> tuple[int, int]:
@@ -100,17 +114,9 @@ async def _reads_for_one_batch(
     await ledger.ensure_group()
     for i in range(waiting):
         await redis.xadd(queue.keys.ledger, {"e": _entry(f"w{waiting}-{i}")})
-    reads = 0
-    original = ledger._read
-
-    async def counted(*args: Any, **kwargs: Any) -> list[tuple[str, str]]:
-        nonlocal reads
-        reads += 1
-        return await original(*args, **kwargs)
-
-    ledger._read = counted  # type: ignore[method-assign]
+    starts = _record_reads(ledger)
     written = await ledger.flush_once(block=True)
-    return reads, written
+    return len(starts), written
 
 
 async def test_a_busy_stream_is_written_at_once_a_trickle_is_collected(
@@ -155,14 +161,7 @@ async def test_a_batch_is_one_statement_and_a_caught_up_writer_reads_only_new_en
     queue = RedisQueue(redis_client, settings.key_prefix, settings.queue)
     ledger = RunLedger(queue, pool, consumer="test", batch=100)
     await ledger.ensure_group()
-    starts: list[str] = []
-    original = ledger._read
-
-    async def counted(start: str, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
-        starts.append(start)
-        return await original(start, *args, **kwargs)
-
-    ledger._read = counted  # type: ignore[method-assign]
+    starts = _record_reads(ledger)
 
     async def flush(count: int, tag: str) -> int:
         for i in range(count):
