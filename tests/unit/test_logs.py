@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
-from drm_taskiq.logs import LoopBufferedLogger, configure_logging, mask_secrets
+from drm_taskiq.logs import LoopBufferedLogger, configure_logging, log_info, mask_secrets
 from drm_taskiq.redaction import forget_all, remember
 
 
@@ -95,6 +95,70 @@ def test_json_line_has_what_structlog_processors_would_write(
     assert second["level"] == "error"
     assert "Traceback" in second["exception"]
     assert "ValueError: bad password=***" in second["exception"]  # tracebacks are masked too
+
+
+def _without_time(line: str) -> list[tuple[str, Any]]:
+    """A JSON line's fields in their order, the timestamp left out."""
+    return [(k, v) for k, v in json.loads(line).items() if k != "timestamp"]
+
+
+def test_per_job_events_are_the_lines_structlog_writes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """log_info (job_enqueued, job_started, job_succeeded) writes what
+    structlog.get_logger().info writes: the same fields in the same order, context variables
+    merged, secrets masked; nothing below the configured level."""
+    remember(["s3cr3t-api-key"])
+    for cache in (False, True):
+        configure_logging("json", "INFO", cache=cache)
+        fields = {"job_id": "j1", "attempt": 2, "dsn": "redis://:hunter2@h/0", "n": None}
+        with structlog.contextvars.bound_contextvars(request_id="r1", job_id="from-context"):
+            log_info("job_started", **fields, note="401 for s3cr3t-api-key")
+            structlog.get_logger().info("job_started", **fields, note="401 for s3cr3t-api-key")
+        direct, through_structlog = capsys.readouterr().err.strip().splitlines()
+        assert _without_time(direct) == _without_time(through_structlog)
+        event = json.loads(direct)
+        assert (event["job_id"], event["request_id"], event["level"]) == ("j1", "r1", "info")
+        assert event["dsn"] == "redis://:***@h/0"
+        assert event["note"] == "401 for ***"
+        assert "timestamp" in event
+    configure_logging("json", "WARNING")
+    log_info("job_started", job_id="j2")
+    assert capsys.readouterr().err == ""
+
+
+def test_per_job_events_follow_any_other_logging_configuration(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Under structlog.testing.capture_logs, the console format or an application's own
+    structlog configuration, log_info's events go through structlog like any other."""
+    configure_logging("json", "INFO")
+    with structlog.testing.capture_logs() as captured:
+        log_info("job_enqueued", job_id="j1", priority=0)
+    assert captured == [
+        {"event": "job_enqueued", "job_id": "j1", "priority": 0, "log_level": "info"}
+    ]
+    assert capsys.readouterr().err == ""
+    log_info("job_enqueued", job_id="j2")  # the JSON set-up again, once the capture ended
+    assert json.loads(capsys.readouterr().err)["job_id"] == "j2"
+
+    configure_logging("console", "INFO")
+    log_info("job_started", job_id="j3")
+    out = capsys.readouterr().err
+    assert "job_started" in out
+    assert "job_id=j3" in out
+
+    seen: list[dict[str, Any]] = []
+
+    def keep(_: Any, __: str, event_dict: Any) -> Any:
+        seen.append(dict(event_dict))
+        raise structlog.DropEvent
+
+    configure_logging("json", "INFO")
+    structlog.configure(processors=[keep])  # the application's own
+    log_info("job_succeeded", job_id="j4")
+    assert seen == [{"event": "job_succeeded", "job_id": "j4"}]
+    assert capsys.readouterr().err == ""
 
 
 def test_lines_of_one_loop_turn_are_written_together_and_in_order() -> None:

@@ -17,6 +17,7 @@ from taskiq import TaskiqMessage, TaskiqMiddleware, TaskiqResult
 
 from drm_taskiq.context import current_message
 from drm_taskiq.errors import JobTimeoutError
+from drm_taskiq.logs import log_info
 from drm_taskiq.options import (
     LABEL_JOB,
     LABEL_PLUGIN,
@@ -83,7 +84,7 @@ class LifecycleMiddleware(TaskiqMiddleware):
         if message.task_id in self.drm_broker.duplicates:
             self.drm_broker.duplicates.discard(message.task_id)
             return
-        log.info(
+        log_info(
             "job_enqueued",
             **_identity(message),
             job_name=message.labels.get(LABEL_JOB),
@@ -100,7 +101,7 @@ class LifecycleMiddleware(TaskiqMiddleware):
         delivery = self.drm_broker.delivery(message.task_id)
         self.drm_broker.mark_started(message.task_id)
         current_message.set(message)
-        log.info(
+        log_info(
             "job_started",
             **_identity(message),
             attempt=(delivery.attempts_made if delivery else 0) + 1,
@@ -119,7 +120,7 @@ class LifecycleMiddleware(TaskiqMiddleware):
         attempt = delivery.attempts_made + 1
         duration_ms = int(result.execution_time * 1000)
         if not result.is_err:
-            log.info(
+            log_info(
                 "job_succeeded", **_identity(message), attempt=attempt, duration_ms=duration_ms
             )
             broker.set_outcome(
