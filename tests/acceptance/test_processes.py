@@ -201,10 +201,12 @@ async def test_sigterm_returns_jobs_leased_but_not_yet_handed_to_the_receiver(
 ) -> None:
     """SIGTERM while the worker holds leased jobs its receiver has not taken yet (4 leased, one
     slot): the running job finishes, the 3 others wait again at once, none is lost or re-run."""
+    # enqueued before the worker starts: its first take leases 4 (a worker started first may
+    # take the first job alone, and with one slot it leases no more until that job ends)
+    ids = await _add(accept_client, accept_tenant, "sleep", [{"s": 1.5, "n": i} for i in range(6)])
     worker = await procs.ready_worker(
         args=("--max-async-tasks", "1"), WORKER_CONCURRENCY=4, DRM_SHUTDOWN_GRACE_S=10
     )
-    ids = await _add(accept_client, accept_tenant, "sleep", [{"s": 1.5, "n": i} for i in range(6)])
     await wait_until(
         lambda: worker.events("job_started"), timeout=15, procs=[worker], what="a running job"
     )
