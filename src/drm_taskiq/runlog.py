@@ -82,11 +82,16 @@ class RowEncodingError(ValueError):
 
 
 # What makes a batch go one entry at a time, and an entry be rejected (logged, dropped): rows
-# PostgreSQL refuses, and text no encoder takes (a lone surrogate in an id that no producer
-# writes, but a hand-written entry can hold); retrying either would stop the ledger for good.
+# PostgreSQL refuses (bad data, a broken constraint, two rows for one key, a value too large
+# to index), and text no encoder takes (a lone surrogate in an id that no producer writes, but
+# a hand-written entry can hold); retrying either would stop the ledger for good. Errors of the
+# connection, the server or the schema (down, out of space, a missing table or privilege)
+# fail every entry alike: the batch is retried until they pass, and nothing is dropped.
 _REFUSED = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
+    asyncpg.CardinalityViolationError,
+    asyncpg.ProgramLimitExceededError,
     RowEncodingError,
     UnicodeError,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from typing import Any
 
@@ -89,6 +90,27 @@ async def test_an_entry_json_cannot_carry_is_refused_alone(
     events = [e["event"] for e in logs]
     assert "ledger_batch_rejected" in events
     assert events.count("ledger_entry_rejected") == 1
+
+
+async def test_an_entry_too_large_to_index_is_refused_alone(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+) -> None:
+    """An entry whose job id is too long for PostgreSQL's index (no producer writes one: ids
+    are checked; a hand-written or corrupted entry can hold one) is logged and dropped; the
+    rest of its batch is written (a ProgramLimitExceededError retried the batch for ever)."""
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    huge = "".join(f"{random.getrandbits(128):032x}" for _ in range(100))  # 3,200 chars
+    with capture_logs() as logs:
+        written = await _write(
+            settings, db, redis_client, _entry("ok-1"), _entry(huge), _entry("ok-2")
+        )
+    assert written == 3
+    rows = await db.fetch("SELECT job_id FROM jobs ORDER BY job_id")
+    assert [r["job_id"] for r in rows] == ["ok-1", "ok-2"]
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 2
+    rejected = [e for e in logs if e["event"] == "ledger_entry_rejected"]
+    assert len(rejected) == 1
+    assert "ProgramLimitExceededError" in rejected[0]["error"]
 
 
 def _record_reads(ledger: RunLedger) -> list[str]:
