@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from drm_taskiq import JobScheduler
 from drm_taskiq.queue_broker import Batcher, DrmBroker
@@ -531,6 +533,44 @@ async def test_a_producer_enqueues_without_an_error_after_a_redis_restart() -> N
         answers = await asyncio.gather(*(enqueue(f"c{i}") for i in range(20)))
         assert answers == [(1, "waiting")] * 20
         assert await broker.queue.counts() == {"waiting": 60, "delayed": 0, "active": 0}
+    finally:
+        await broker.connection_pool.disconnect()
+        server.cleanup()
+
+
+async def test_a_kept_connection_waits_for_a_large_write_within_the_socket_timeout() -> None:
+    """A command the socket does not take whole is waited for, at most the socket timeout: to a
+    server that stops reading, the enqueue fails with TimeoutError and the connection is
+    dropped; once the server reads again the next enqueue goes through on a new connection."""
+    server = PrivateRedis()
+    server.start()
+    broker = DrmBroker(
+        load_settings(
+            redis_url=f"{server.url}?socket_timeout=1", entry_points=False, key_prefix="drm-test"
+        ),
+        own_process=False,
+    )
+    queue = broker.queue
+    large = b"x" * (32 * 1024 * 1024)  # more than the socket buffers hold
+
+    async def enqueue(job_id: str, message: bytes) -> tuple[int, str]:
+        return await queue.enqueue(
+            job_id, message, priority=0, delay_ms=0, dedup_ttl_ms=0, fields={}
+        )
+
+    try:
+        assert await enqueue("small", b"{}") == (1, "waiting")  # a kept connection now
+        assert await enqueue("large", large) == (1, "waiting")  # written whole, with a wait
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisTimeoutError, match="writing"):  # not sent whole
+                await asyncio.wait_for(enqueue("stuck", large), timeout=30)
+            assert not queue._kept["enqueue"]  # the connection went back to the pool
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert await enqueue("after", b"{}") == (1, "waiting")
+        assert await queue.redis.hget(queue.keys.job("large"), "msg") == large
     finally:
         await broker.connection_pool.disconnect()
         server.cleanup()
