@@ -64,6 +64,16 @@ def _add_admin_commands(commands: Any) -> None:
     retry.add_argument("job", metavar="JOB")
     retry.add_argument("job_id", metavar="JOB_ID")
 
+    dead = commands.add_parser(
+        "dead", help="list dead-lettered jobs (undecodable, or their task not registered)"
+    )
+    dead.add_argument("--limit", type=_limit, default=50, metavar="N")
+    dead.add_argument(
+        "--purge",
+        action="store_true",
+        help="empty the list and delete those jobs that are still failed",
+    )
+
     schedules = commands.add_parser("schedules", help="a tenant's cron schedules, next runs")
     schedules.add_argument("--tenant", required=True, metavar="TENANT_ID")
     schedules.add_argument("--count", type=_limit, default=3, metavar="N")
@@ -314,6 +324,27 @@ async def _retry(_: Settings, args: argparse.Namespace) -> int:
     return await _with_scheduler(action)
 
 
+async def _dead(_: Settings, args: argparse.Namespace) -> int:
+    async def action(scheduler: JobScheduler) -> int:
+        if args.purge:
+            entries, deleted = await scheduler.purge_dead()
+            print(
+                f"removed {entries} dead-letter entr{'y' if entries == 1 else 'ies'},"
+                f" deleted {deleted} job(s)"
+            )
+            return 0
+        jobs = await scheduler.list_dead(limit=args.limit)
+        for job in jobs:
+            print(
+                f"{job['id']}  {job['state']}  {job.get('tenant', '')}"
+                f"  {job.get('plugin', '')}:{job.get('job', '')}  {job.get('reason', '')}"
+            )
+        print(f"{len(jobs)} dead-lettered job(s)")
+        return 0
+
+    return await _with_scheduler(action)
+
+
 async def _schedules(_: Settings, args: argparse.Namespace) -> int:
     async def action(scheduler: JobScheduler) -> int:
         infos = await scheduler.list_schedules(args.tenant, count=args.count)
@@ -448,6 +479,7 @@ _COMMANDS = {
     "status": _status,
     "failed": _failed,
     "retry": _retry,
+    "dead": _dead,
     "schedules": _schedules,
     "paused": _paused,
     "resume": _resume,

@@ -528,6 +528,22 @@ class JobScheduler:
         )
         return [_status_from_row(row) for row in rows]
 
+    async def list_dead(self, *, limit: int = 100) -> list[dict[str, str]]:
+        """Dead-lettered jobs (their message could not be decoded, or no worker that took them
+        had their task registered), oldest first: ``id``, ``state`` (``failed`` until retried;
+        ``gone`` when no longer in Redis), ``name``, ``tenant``, ``plugin``, ``job``, ``reason``,
+        ``finished`` (ms) and the job's other fields. They stay in Redis, with their message,
+        until :meth:`purge_dead` (or ``retry_job``, which runs one again)."""
+        return await self.broker.queue.dead_jobs(limit)
+
+    async def purge_dead(self) -> tuple[int, int]:
+        """Empty the dead-letter list and delete the dead-lettered jobs that are still failed
+        (a job retried since is left alone); returns (entries removed, jobs deleted). A
+        dead-lettered attempt of a known tenant has its ``plugin_runs`` row already."""
+        entries, deleted = await self.broker.queue.purge_dead()
+        log.info("dead_letters_purged", entries=entries, jobs_deleted=deleted)
+        return entries, deleted
+
 
 def _loads(value: str | None) -> Any:
     if value is None or value == "":

@@ -26,7 +26,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 Outcome = Literal["completed", "retry", "failed", "requeue", "dead"]
 
 LEDGER_GROUP = "ledger"
-_SCRIPTS = ("enqueue", "enqueue_many", "take", "finish", "extend", "stalled", "settle", "retry")
+_SCRIPTS = (
+    "enqueue",
+    "enqueue_many",
+    "take",
+    "finish",
+    "extend",
+    "stalled",
+    "settle",
+    "retry",
+    "purge_dead",
+)
 
 
 class HiredisPackingConnection(Connection):
@@ -535,6 +545,34 @@ class RedisQueue:
             args=[job_id, message, *_flatten(fields)],
         )
         return bool(done)
+
+    async def dead_jobs(self, limit: int) -> list[dict[str, str]]:
+        """The first ``limit`` dead-lettered jobs, oldest first: ``id`` and the job's hash
+        (without the message); ``state`` is ``"gone"`` when the hash is no longer in Redis."""
+        ids = [_text(i) for i in await self.redis.lrange(self.keys.dead, 0, limit - 1)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            hashes = await pipe.execute()
+        jobs = []
+        for job_id, raw in zip(ids, hashes, strict=True):
+            fields = {_text(k): _text(v) for k, v in raw.items() if _text(k) != "msg"}
+            jobs.append({"id": job_id, "state": "gone", **fields})
+        return jobs
+
+    async def purge_dead(self, per_call: int = 1000) -> tuple[int, int]:
+        """Empty the dead-letter list, deleting the jobs that are still failed (not those
+        retried since); returns (entries removed, jobs deleted). ``per_call`` entries per
+        script call."""
+        entries = deleted = 0
+        while True:
+            taken, gone, left = await self._scripts["purge_dead"](
+                keys=[self.keys.dead], args=[self.keys.job_prefix, per_call]
+            )
+            entries += int(taken)
+            deleted += int(gone)
+            if not int(left) or not int(taken):
+                return entries, deleted
 
     async def job(self, job_id: str) -> dict[str, str] | None:
         """The job's hash, or None when the job is not (or no longer) in Redis."""

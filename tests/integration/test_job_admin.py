@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,7 +12,9 @@ import pytest
 
 from drm_taskiq import JobScheduler, define_plugin
 from drm_taskiq.cron import CronEngine
+from drm_taskiq.settings import Settings
 from tests.conftest import wait_for
+from tests.support.processes import binary, process_env
 
 pytestmark = pytest.mark.asyncio
 
@@ -185,3 +188,73 @@ async def test_jobs_of_a_deleted_tenant_are_refused_and_the_worker_goes_on(
     [refused] = [e for e in logs if e["event"] == "job_refused"]
     assert (refused["job_id"], refused["tenant_id"]) == (doomed, "gone")
     assert await db.fetchval("SELECT count(*) FROM plugin_runs WHERE tenant_id = 'gone'") == 0
+
+
+def _cli(settings: Settings, *args: str) -> list[str]:
+    """``drm-taskiq ARGS`` against the test's schema and key prefix: its output lines."""
+    env = process_env(settings, "tests.plugins.accept:plugin")
+    done = subprocess.run(
+        [binary("drm-taskiq"), *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+async def test_dead_lettered_jobs_are_listed_and_purged(
+    client: JobScheduler,
+    start_worker: Any,
+    redis_client: Any,
+    db: asyncpg.Pool,
+    tenant: str,
+    settings: Settings,
+) -> None:
+    """Jobs whose message does not decode are dead-lettered (each attempt has its plugin_runs
+    row): listed oldest first with their state and reason (not their message); purging empties
+    the list in steps and deletes the ones still failed, not one retried since (or gone)."""
+    queue = client.broker.queue
+    keys = queue.keys
+    ids = ["p1", "p2", "p3"]
+    for job_id in ids:
+        await redis_client.hset(
+            keys.job(job_id),
+            mapping={"msg": b"\xff\x00garbage", "pri": 0, "tenant": tenant, "plugin": "testp"},
+        )
+        await redis_client.zadd(keys.wait, {job_id: 0})
+    await start_worker(None)
+    await wait_for(lambda: _dead_count(redis_client, keys.dead, 3))
+    dead = await client.list_dead(limit=10)
+    assert [d["id"] for d in dead] == ids
+    assert {d["state"] for d in dead} == {"failed"}
+    assert all("not registered" in d["reason"] for d in dead)
+    assert all("msg" not in d for d in dead)
+    await wait_for(lambda: db.fetchval("SELECT count(*) = 3 FROM plugin_runs"))  # each attempt
+    assert {r["error"] for r in await db.fetch("SELECT error FROM plugin_runs")} == {
+        "message could not be decoded or its task is not registered"
+    }
+    assert [d["id"] for d in await client.list_dead(limit=2)] == ["p1", "p2"]
+    lines = _cli(settings, "dead")
+    assert lines[-1] == "3 dead-lettered job(s)"
+    assert [line.split()[:3] for line in lines[:-1]] == [[i, "failed", tenant] for i in ids]
+
+    await redis_client.hset(keys.job("p2"), "state", "waiting")  # as retry_job leaves it
+    await redis_client.delete(keys.job("p3"))
+    assert [d["state"] for d in await client.list_dead()] == ["failed", "waiting", "gone"]
+    assert await queue.purge_dead(per_call=2) == (3, 1)
+    assert await redis_client.llen(keys.dead) == 0
+    assert not await redis_client.exists(keys.job("p1"))
+    assert await redis_client.hget(keys.job("p2"), "state") == b"waiting"
+    assert await client.list_dead() == []
+    await redis_client.rpush(keys.dead, "p4")
+    await redis_client.hset(keys.job("p4"), mapping={"state": "failed", "tenant": tenant})
+    assert _cli(settings, "dead", "--purge") == ["removed 1 dead-letter entry, deleted 1 job(s)"]
+    assert not await redis_client.exists(keys.job("p4"))
+    assert await client.purge_dead() == (0, 0)
+
+
+async def _dead_count(redis_client: Any, key: str, n: int) -> bool:
+    return int(await redis_client.llen(key)) >= n

@@ -179,7 +179,7 @@ def test_format_runs_without_rows() -> None:
 
 
 def test_admin_commands_parse() -> None:
-    """failed, retry, schedules, paused and resume parse their arguments."""
+    """failed, retry, dead, schedules, paused and resume parse their arguments."""
     from drm_taskiq.cli import build_parser
 
     parser = build_parser()
@@ -189,6 +189,9 @@ def test_admin_commands_parse() -> None:
     assert (args.plugin, args.job, args.job_id) == ("example", "flaky", "j1")
     args = parser.parse_args(["schedules", "--tenant", "acme"])
     assert (args.tenant, args.count) == ("acme", 3)
+    args = parser.parse_args(["dead"])
+    assert (args.command, args.limit, args.purge) == ("dead", 50, False)
+    assert parser.parse_args(["dead", "--purge"]).purge
     assert parser.parse_args(["paused"]).tenant is None
     args = parser.parse_args(["resume", "example", "--tenant", "acme"])
     assert (args.plugin, args.tenant) == ("example", "acme")
