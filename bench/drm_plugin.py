@@ -89,7 +89,8 @@ async def lat(ctx: PluginContext, job: Job) -> None:
     # run_task, dependency injection, run_plugin_job). The first jobs of a worker have no
     # marks (instrumented at its first lat job).
     try:
-        broker = ctx.scheduler.scheduler.broker
+        from drm_taskiq.broker import broker  # noqa: PLC0415  (this worker's, process-wide)
+
         _instrument(broker)
         marks = _marks.pop(job.id, None)
         if not marks or len(marks) < 2:

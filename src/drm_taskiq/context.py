@@ -142,7 +142,7 @@ def create_plugin_context(
         plugin_id=plugin_id,
         tenant_id=tenant_id,
         db=TenantDatabase(scheduler.plugin_pool, tenant_id, scheduler.tenant_secret),
-        scheduler=scheduler.for_tenant(tenant_id),
+        scheduler=scheduler.for_plugin(plugin_id, tenant_id),
         hooks=scheduler.hooks,
         logger=PluginLogger(plugin_id, tenant_id),
         config=dict(config or {}),

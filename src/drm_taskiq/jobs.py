@@ -138,8 +138,14 @@ class JobScheduler:
         return replace(base, config=config)
 
     def for_tenant(self, tenant_id: str) -> TenantScheduler:
-        """This scheduler, bound to one tenant."""
+        """This scheduler, bound to one tenant (every plugin's jobs of that tenant)."""
         return TenantScheduler(self, check_id(tenant_id, "tenant_id"))
+
+    def for_plugin(self, plugin_id: str, tenant_id: str) -> TenantScheduler:
+        """This scheduler, bound to one tenant and one plugin: what ``ctx.scheduler`` is."""
+        return TenantScheduler(
+            self, check_id(tenant_id, "tenant_id"), check_id(plugin_id, "plugin_id")
+        )
 
     # ------------------------------------------------------------------ plugins
     async def load_plugins(self) -> list[Plugin]:
@@ -587,11 +593,26 @@ def _status_from_hash(job_id: str, raw: dict[str, str]) -> JobStatus:
 
 
 class TenantScheduler:
-    """A :class:`JobScheduler` bound to one tenant: what ``ctx.scheduler`` is."""
+    """A :class:`JobScheduler` bound to one tenant and, for a plugin's ``ctx.scheduler``, to
+    that plugin: its methods act on this tenant's jobs, and a plugin-bound one refuses another
+    plugin's id (``InvalidInputError`` naming ``plugin_id``), so that a plugin cannot replace,
+    enqueue, unschedule, retry or read another plugin's jobs through its context."""
 
-    def __init__(self, scheduler: JobScheduler, tenant_id: str) -> None:
-        self.scheduler = scheduler
+    def __init__(
+        self, scheduler: JobScheduler, tenant_id: str, plugin_id: str | None = None
+    ) -> None:
+        self._scheduler = scheduler
         self.tenant_id = tenant_id
+        self.plugin_id = plugin_id
+
+    def _own(self, plugin_id: str) -> str:
+        if self.plugin_id is not None and plugin_id != self.plugin_id:
+            raise InvalidInputError(
+                "plugin_id",
+                f"must be this context's plugin {self.plugin_id!r} (a plugin manages its own"
+                f" jobs only); got {plugin_id!r}",
+            )
+        return plugin_id
 
     async def register_job(
         self,
@@ -601,13 +622,13 @@ class TenantScheduler:
         options: JobOptions | Mapping[str, Any] | None = None,
     ) -> None:
         """Register a job; a cron job is scheduled for this tenant."""
-        await self.scheduler.register_job(
-            plugin_id, job_name, handler, options, tenant_id=self.tenant_id
+        await self._scheduler.register_job(
+            self._own(plugin_id), job_name, handler, options, tenant_id=self.tenant_id
         )
 
     async def remove_job(self, plugin_id: str, job_name: str) -> None:
         """Remove this tenant's schedule of the job."""
-        await self.scheduler.remove_job(plugin_id, job_name, tenant_id=self.tenant_id)
+        await self._scheduler.remove_job(self._own(plugin_id), job_name, tenant_id=self.tenant_id)
 
     async def add_job(
         self,
@@ -617,27 +638,34 @@ class TenantScheduler:
         options: JobOptions | Mapping[str, Any] | None = None,
     ) -> str:
         """Enqueue a run of the job for this tenant."""
-        return await self.scheduler.add_job(
-            plugin_id, job_name, data, options, tenant_id=self.tenant_id
+        return await self._scheduler.add_job(
+            self._own(plugin_id), job_name, data, options, tenant_id=self.tenant_id
         )
 
     async def get_job_status(self, plugin_id: str, job_name: str, job_id: str) -> JobStatus | None:
         """The state of one of this tenant's jobs (None for other tenants' jobs)."""
-        return await self.scheduler.get_job_status(
-            plugin_id, job_name, job_id, tenant_id=self.tenant_id
+        return await self._scheduler.get_job_status(
+            self._own(plugin_id), job_name, job_id, tenant_id=self.tenant_id
         )
 
     async def retry_job(self, plugin_id: str, job_name: str, job_id: str) -> bool:
         """Run one of this tenant's failed jobs again."""
-        return await self.scheduler.retry_job(plugin_id, job_name, job_id, tenant_id=self.tenant_id)
+        return await self._scheduler.retry_job(
+            self._own(plugin_id), job_name, job_id, tenant_id=self.tenant_id
+        )
 
     async def list_failed(self, plugin_id: str, *, limit: int = 100) -> list[JobStatus]:
         """This tenant's failed jobs of the plugin, newest first."""
-        return await self.scheduler.list_failed(plugin_id, tenant_id=self.tenant_id, limit=limit)
+        return await self._scheduler.list_failed(
+            self._own(plugin_id), tenant_id=self.tenant_id, limit=limit
+        )
 
     async def list_schedules(self, *, count: int = 5) -> list[ScheduleInfo]:
-        """This tenant's cron schedules with their next fire times."""
-        return await self.scheduler.list_schedules(self.tenant_id, count=count)
+        """This tenant's cron schedules (a plugin's: its own) with their next fire times."""
+        infos = await self._scheduler.list_schedules(self.tenant_id, count=count)
+        if self.plugin_id is None:
+            return infos
+        return [info for info in infos if info.plugin_id == self.plugin_id]
 
 
 _global: JobScheduler | None = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import pytest
 
 from drm_taskiq import JobScheduler, create_plugin_context, store
+from drm_taskiq.errors import InvalidInputError
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -144,3 +146,53 @@ async def test_example_plugin_tables_are_isolated(
     assert await db.fetchval("SELECT count(*) FROM example_activities") == 1
     with pytest.raises(asyncpg.PostgresError):
         await ctx.db.execute("ALTER TABLE example_activities DISABLE ROW LEVEL SECURITY")
+
+
+async def test_a_plugins_context_scheduler_manages_its_own_jobs_only(
+    client: JobScheduler, db: asyncpg.Pool, tenant: str
+) -> None:
+    """ctx.scheduler is bound to its plugin: another plugin's id is refused (naming plugin_id)
+    by every method, nothing of the other plugin changes (its handler, its schedule, the queue),
+    list_schedules shows the plugin's own schedules; the operator's tenant-bound scheduler
+    still manages every plugin."""
+    await store.ensure_tenant(db, tenant, plugins={"testp": {}, "other": {}})
+
+    async def theirs(ctx: Any, job: Any) -> str:
+        return "theirs"
+
+    async def mine(ctx: Any, job: Any) -> str:
+        return "mine"
+
+    operator = client.for_tenant(tenant)
+    await operator.register_job("other", "work", theirs, {"cron": "0 3 * * *"})
+    ctx = create_plugin_context("testp", tenant, scheduler=client)
+    await ctx.scheduler.register_job("testp", "own", mine, {"cron": "0 4 * * *"})
+    own_id = await ctx.scheduler.add_job("testp", "own", {"n": 1})
+    counts = await client.broker.queue.counts()
+
+    attempts: list[Callable[[], Awaitable[Any]]] = [
+        lambda: ctx.scheduler.register_job("other", "work", mine),
+        lambda: ctx.scheduler.register_job("other", "new", mine, {"cron": "* * * * *"}),
+        lambda: ctx.scheduler.remove_job("other", "work"),
+        lambda: ctx.scheduler.add_job("other", "work", {"n": 2}),
+        lambda: ctx.scheduler.get_job_status("other", "work", own_id),
+        lambda: ctx.scheduler.retry_job("other", "work", own_id),
+        lambda: ctx.scheduler.list_failed("other"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(InvalidInputError) as refused:
+            await attempt()
+        assert refused.value.field == "plugin_id"
+        assert "'testp'" in str(refused.value)
+    assert client.jobs[("other", "work")].handler is theirs
+    assert ("other", "new") not in client.jobs
+    assert await client.broker.queue.counts() == counts
+    schedules = await db.fetch("SELECT plugin_id, job_name FROM schedules ORDER BY plugin_id")
+    assert [tuple(r) for r in schedules] == [("other", "work"), ("testp", "own")]
+
+    assert [i.plugin_id for i in await ctx.scheduler.list_schedules()] == ["testp"]
+    assert {i.plugin_id for i in await operator.list_schedules()} == {"other", "testp"}
+    status = await ctx.scheduler.get_job_status("testp", "own", own_id)
+    assert status is not None and status.state == "waiting"
+    await operator.remove_job("other", "work")  # the operator's scheduler: any plugin
+    assert [r["plugin_id"] for r in await db.fetch("SELECT plugin_id FROM schedules")] == ["testp"]
