@@ -483,7 +483,19 @@ class DrmBroker(ListQueueBroker):
                 continue
             for job_id in lost:
                 if job_id in self._held:
-                    log.warning("job_lease_lost", job_id=job_id)
+                    self._lease_lost(job_id)
+
+    def _lease_lost(self, job_id: str) -> None:
+        """Another worker may run ``job_id`` now (its lease expired and the job was taken
+        again). A job still waiting in ``_ready`` is dropped, never started here; a running
+        one goes on, but its outcome is not recorded (``finish.lua`` answers "lease lost")."""
+        for delivery in self._ready:
+            if delivery.job_id == job_id:
+                self._ready.remove(delivery)
+                self._release(job_id)
+                log.warning("job_lease_lost", job_id=job_id, started=False, dropped=True)
+                return
+        log.warning("job_lease_lost", job_id=job_id, started=job_id in self._started)
 
     async def _check_stalled(self) -> None:
         interval = self.settings.stalled_interval_ms / 1000

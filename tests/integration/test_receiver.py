@@ -134,3 +134,66 @@ async def test_with_another_broker_it_is_taskiqs_receiver() -> None:
     assert not hasattr(broker, "receiver_kind")
     await asyncio.wait_for(receiver.listen(asyncio.Event()), timeout=10)
     assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+async def test_a_leased_job_whose_lease_was_taken_over_is_not_started(
+    settings: Settings,
+    client: JobScheduler,
+    tenant: str,
+    redis_client: aioredis.Redis,
+) -> None:
+    """Jobs leased in a batch wait in memory while the one slot is busy. When another worker
+    took them over meanwhile (their lease token changed, as after a stall), the next lease
+    renewal drops them: this worker never starts them."""
+    gate = asyncio.Event()
+    ran: list[str] = []
+
+    async def work(ctx: Any, job: Any) -> None:
+        ran.append(job.id)
+        if job.id == "l0":
+            await gate.wait()
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    for i in range(4):
+        await client.add_job("testp", "w", i, {"job_id": f"l{i}"}, tenant_id=tenant)
+    broker = DrmBroker(
+        settings.model_copy(
+            update={
+                "worker_concurrency": 4,
+                "take_batch": 4,
+                "lease_ms": 1200,  # renewed every 0.4 s
+                "stalled_interval_ms": 600_000,  # no stall recovery during the test
+            }
+        ),
+        own_process=False,
+    )
+    broker.is_worker_process = True
+    await broker.startup()
+    await setup(JobScheduler(broker, plugins=[]))
+    receiver = Receiver(broker, max_async_tasks=1, run_startup=False)
+    keys = QueueKeys(settings.key_prefix, settings.queue)
+    finish = asyncio.Event()
+    listening = asyncio.create_task(receiver.listen(finish))
+    try:
+        await wait_for(lambda: ran == ["l0"], timeout=10)
+        assert await redis_client.zcard(keys.active) == 4  # 1 running, 3 leased in memory
+        for job_id in ("l1", "l2", "l3"):
+            await redis_client.hset(keys.job(job_id), "token", "another-worker:1")
+        await wait_for(lambda: not broker._ready, timeout=10)  # dropped at the next renewal
+        gate.set()
+
+        async def l0_acknowledged() -> bool:
+            return await redis_client.zscore(keys.active, "l0") is None
+
+        await wait_for(l0_acknowledged, timeout=10)
+        await asyncio.sleep(0.5)  # time enough to start a dropped job, were it kept
+    finally:
+        finish.set()
+        await asyncio.wait_for(listening, timeout=30)
+        await broker.shutdown()
+    assert ran == ["l0"]
+    for job_id in ("l1", "l2", "l3"):  # still the other worker's: nothing given back here
+        assert await redis_client.hget(keys.job(job_id), "token") == b"another-worker:1"
