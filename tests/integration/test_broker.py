@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -538,6 +539,17 @@ async def test_a_producer_enqueues_without_an_error_after_a_redis_restart() -> N
         server.cleanup()
 
 
+def _socket_buffers_max() -> int:
+    """The most a TCP connection's receive and send buffers may grow to here (bytes)."""
+    total = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        try:
+            total += int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+        except (OSError, IndexError, ValueError):
+            total += 32 * 1024 * 1024
+    return total
+
+
 async def test_a_kept_connection_waits_for_a_large_write_within_the_socket_timeout() -> None:
     """A command the socket does not take whole is waited for, at most the socket timeout: to a
     server that stops reading, the enqueue fails with TimeoutError and the connection is
@@ -551,7 +563,7 @@ async def test_a_kept_connection_waits_for_a_large_write_within_the_socket_timeo
         own_process=False,
     )
     queue = broker.queue
-    large = b"x" * (32 * 1024 * 1024)  # more than the socket buffers hold
+    large = b"x" * (2 * _socket_buffers_max() + 8 * 1024 * 1024)  # more than they can hold
 
     async def enqueue(job_id: str, message: bytes) -> tuple[int, str]:
         return await queue.enqueue(
@@ -563,6 +575,8 @@ async def test_a_kept_connection_waits_for_a_large_write_within_the_socket_timeo
         assert await enqueue("large", large) == (1, "waiting")  # written whole, with a wait
         assert server.proc is not None
         server.proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{server.proc.pid}/stat")
+        await wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T")  # stopped
         try:
             with pytest.raises(RedisTimeoutError, match="writing"):  # not sent whole
                 await asyncio.wait_for(enqueue("stuck", large), timeout=30)
