@@ -29,6 +29,12 @@ scheduler = JobScheduler(broker)
 @broker.on_event(TaskiqEvents.WORKER_STARTUP)
 async def _worker_startup(_: TaskiqState) -> None:
     await scheduler.load_plugins()
+    scheduler.start_plugin_sync()  # plugins enabled for a tenant later get on_load too
+
+
+@broker.on_event(TaskiqEvents.WORKER_SHUTDOWN)
+async def _worker_shutdown(_: TaskiqState) -> None:
+    await scheduler.stop_plugin_sync()
 
 
 @broker.on_event(TaskiqEvents.CLIENT_STARTUP)

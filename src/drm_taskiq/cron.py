@@ -888,6 +888,7 @@ class DrmScheduler(TaskiqScheduler):
         gc.collect()
         gc.freeze()
         self._task = asyncio.create_task(self.engine.run(), name="drm-cron")
+        self.engine.jobs.start_plugin_sync()  # plugins enabled later register their cron jobs
         broker = self.engine.broker
         main = asyncio.current_task()
         if broker.is_scheduler_process and main is not None:
@@ -916,6 +917,7 @@ class DrmScheduler(TaskiqScheduler):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self.engine.jobs.stop_plugin_sync()
         if self._ledger_task is not None:
             self._ledger_stop.set()
             try:

@@ -92,6 +92,8 @@ class JobScheduler:
         self.plugin_load_errors: list[str] = []
         self._configs: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         self._contexts: dict[tuple[str, str], PluginContext] = {}
+        self._loaded_for: set[tuple[str, str]] = set()  # (plugin, tenant) on_load was called for
+        self._sync_task: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -124,6 +126,7 @@ class JobScheduler:
 
     async def close(self) -> None:
         """Close every connection."""
+        await self.stop_plugin_sync()
         await self.broker.shutdown()
 
     def job_context(self, plugin_id: str, tenant_id: str, config: dict[str, Any]) -> PluginContext:
@@ -165,11 +168,51 @@ class JobScheduler:
                 await store.apply_plugin_schema(self.pool, plugin.id, plugin.schema)
             tenants = await store.fetch_enabled_tenants(self.pool, plugin.id)
             for tenant_id in tenants:
+                self._loaded_for.add((plugin.id, tenant_id))
                 await self._call_hook(plugin, tenant_id, "on_load")
             log.info(
                 "plugin_loaded", plugin_id=plugin.id, version=plugin.version, tenants=len(tenants)
             )
         return plugins
+
+    async def sync_plugins(self) -> int:
+        """Call ``on_load`` for each loaded plugin and tenant that enabled it since this process
+        loaded its plugins (or last synced): a plugin enabled for a tenant at run time gets its
+        cron jobs and per-tenant set-up without a restart. Returns how many were loaded.
+        (A plugin disabled meanwhile is not unloaded: its jobs are refused at run time and its
+        schedules stop firing for that tenant.)"""
+        loaded = 0
+        for plugin in list(self.loaded_plugins.values()):
+            for tenant_id in await store.fetch_enabled_tenants(self.pool, plugin.id):
+                if (plugin.id, tenant_id) in self._loaded_for:
+                    continue
+                self._loaded_for.add((plugin.id, tenant_id))
+                self._configs.pop((tenant_id, plugin.id), None)  # a cached "not enabled"
+                await self._call_hook(plugin, tenant_id, "on_load")
+                log.info("plugin_enabled_loaded", plugin_id=plugin.id, tenant_id=tenant_id)
+                loaded += 1
+        return loaded
+
+    def start_plugin_sync(self) -> None:
+        """Run :meth:`sync_plugins` every ``DRM_PLUGIN_SYNC_S`` in the background (workers and
+        schedulers; 0 turns it off) until :meth:`stop_plugin_sync` or :meth:`close`."""
+        interval = self.settings.plugin_sync_s
+        if interval > 0 and self._sync_task is None:
+            self._sync_task = asyncio.create_task(self._sync_loop(interval), name="drm-plugins")
+
+    async def stop_plugin_sync(self) -> None:
+        task, self._sync_task = self._sync_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _sync_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sync_plugins()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("plugin_sync_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def unload_plugin(self, plugin_id: str, tenant_id: str) -> None:
         """Call the plugin's ``on_unload`` for one tenant and remove its schedules there."""

@@ -31,6 +31,7 @@ from tests.acceptance.conftest import (
 )
 from tests.plugins.accept import tick as accept_tick
 
+from drm_taskiq import store
 from drm_taskiq.cron import CronEngine
 from drm_taskiq.jobs import JobScheduler
 from drm_taskiq.redis_queue import LEDGER_GROUP, QueueKeys
@@ -452,3 +453,30 @@ async def test_the_scheduler_writes_the_ledger_and_the_worker_takes_over_when_it
     await asyncio.sleep(0.5)  # let any duplicate show up
     runs = await fetch_runs(db)
     assert Counter(run["job_id"] for run in runs) == Counter(first + second + third)
+
+
+async def test_a_plugin_enabled_for_a_tenant_while_processes_run_fires_its_cron(
+    procs: Processes, db: asyncpg.Pool, accept_tenant: str
+) -> None:
+    """A tenant that enables the plugin while a scheduler and a worker run gets the plugin's
+    on_load in both within DRM_PLUGIN_SYNC_S, without a restart: its cron ticks run."""
+    env = {"ACCEPT_TICK_CRON": TICK_CRON, "DRM_PLUGIN_SYNC_S": 0.5}
+    scheduler = procs.scheduler(**env)
+    worker = procs.worker(**env)
+    await procs.wait_event(scheduler, "scheduler_started")
+    await procs.wait_event(worker, "plugin_loaded")
+    await store.ensure_tenant(db, "globex", plugins={"accept": {}})
+    for proc in (scheduler, worker):
+        await procs.wait_event(proc, "plugin_enabled_loaded", tenant_id="globex")
+
+    async def globex_ticked() -> bool:
+        runs = await fetch_runs(db)
+        return any(
+            r["tenant_id"] == "globex" and r["hook_name"] == "job:tick" and r["status"] == "success"
+            for r in runs
+        )
+
+    await wait_until(globex_ticked, timeout=20, procs=[scheduler, worker], what="a globex tick")
+    await asyncio.sleep(1.2)  # two more syncs: on_load is not called again
+    for proc in (scheduler, worker):
+        assert [e["tenant_id"] for e in proc.events("plugin_enabled_loaded")] == ["globex"]

@@ -10,10 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from drm_taskiq import JobScheduler, define_plugin
+from drm_taskiq import JobScheduler, define_plugin, store
 from drm_taskiq.cron import CronEngine
 from drm_taskiq.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import started_client, wait_for
 from tests.support.processes import binary, process_env
 
 pytestmark = pytest.mark.asyncio
@@ -258,3 +258,39 @@ async def test_dead_lettered_jobs_are_listed_and_purged(
 
 async def _dead_count(redis_client: Any, key: str, n: int) -> bool:
     return int(await redis_client.llen(key)) >= n
+
+
+async def test_a_plugin_enabled_for_a_tenant_at_run_time_is_loaded_for_it(
+    settings: Settings, db: asyncpg.Pool, tenant: str
+) -> None:
+    """sync_plugins calls on_load for the tenants that enabled a plugin after the process
+    loaded it (once each; not for a disabled one), so their cron jobs are registered without a
+    restart; the background sync (DRM_PLUGIN_SYNC_S) does it by itself."""
+    loads: list[str] = []
+
+    async def work(ctx: Any, job: Any) -> None:
+        return None
+
+    async def on_load(ctx: Any) -> None:
+        loads.append(ctx.tenant_id)
+        await ctx.scheduler.register_job("synced", "nightly", work, {"cron": "0 2 * * *"})
+
+    plugin = define_plugin(id="synced", name="s", version="1", on_load=on_load)
+    await store.ensure_tenant(db, tenant, plugins={"synced": {}})
+    async with started_client(settings.model_copy(update={"plugin_sync_s": 0.2}), [plugin]) as s:
+        assert loads == [tenant]
+        assert await s.sync_plugins() == 0
+        await store.ensure_tenant(db, "globex", plugins={"synced": {}})
+        await store.ensure_tenant(db, "initech", plugins={"synced": {}})
+        await db.execute("UPDATE tenant_plugins SET enabled = false WHERE tenant_id = 'initech'")
+        assert await s.sync_plugins() == 1
+        assert loads == [tenant, "globex"]
+        assert await s.sync_plugins() == 0
+        rows = await db.fetch("SELECT tenant_id FROM schedules ORDER BY tenant_id")
+        assert [r["tenant_id"] for r in rows] == [tenant, "globex"]
+
+        s.start_plugin_sync()
+        await store.ensure_tenant(db, "umbrella", plugins={"synced": {}})
+        await wait_for(lambda: "umbrella" in loads, timeout=10)
+        await s.stop_plugin_sync()
+    assert loads == [tenant, "globex", "umbrella"]
