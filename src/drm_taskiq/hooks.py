@@ -19,13 +19,19 @@ class HookRegistry:
         self._handlers: dict[str, list[tuple[str, HookHandler]]] = {}
 
     def on(self, hook_name: str, handler: HookHandler, *, plugin_id: str = "") -> None:
-        """Subscribe ``handler`` to ``hook_name``."""
-        self._handlers.setdefault(hook_name, []).append((plugin_id, handler))
+        """Subscribe ``handler`` to ``hook_name``. Subscribing the same handler again (equal:
+        the same function, or a bound method of the same object) changes nothing: ``on_load``
+        runs once per tenant and may subscribe each time, and the handler still runs once per
+        emit."""
+        handlers = self._handlers.setdefault(hook_name, [])
+        if any(known == handler for _, known in handlers):
+            return
+        handlers.append((plugin_id, handler))
 
     def off(self, hook_name: str, handler: HookHandler) -> None:
         """Unsubscribe ``handler`` from ``hook_name``."""
         self._handlers[hook_name] = [
-            item for item in self._handlers.get(hook_name, []) if item[1] is not handler
+            item for item in self._handlers.get(hook_name, []) if item[1] != handler
         ]
 
     def handlers(self, hook_name: str) -> list[HookHandler]:

@@ -43,6 +43,37 @@ def test_load_object_reports_bad_specs() -> None:
     assert load_object("tests.plugins.accept:plugin").id == "accept"
 
 
+async def test_subscribing_a_handler_again_changes_nothing() -> None:
+    """on_load runs once per tenant: the same handler (function, or bound method of one object)
+    subscribed each time runs once per emit; distinct handlers each run; off removes it."""
+    hooks = HookRegistry()
+    seen: list[str] = []
+
+    async def handler(value: str) -> None:
+        seen.append(f"fn:{value}")
+
+    class Listener:
+        async def on_event(self, value: str) -> None:
+            seen.append(f"method:{value}")
+
+    listener = Listener()
+    for tenant in ("acme", "globex", "initech"):  # three on_load calls
+        hooks.on("activity.created", handler, plugin_id="p1")
+        hooks.on("activity.created", listener.on_event, plugin_id="p1")
+
+        async def per_tenant(value: str, tenant: str = tenant) -> None:
+            seen.append(f"{tenant}:{value}")
+
+        hooks.on("activity.created", per_tenant, plugin_id="p1")
+    await hooks.emit("activity.created", "x")
+    assert seen == ["fn:x", "method:x", "acme:x", "globex:x", "initech:x"]
+    hooks.off("activity.created", listener.on_event)
+    hooks.off("activity.created", handler)
+    seen.clear()
+    await hooks.emit("activity.created", "y")
+    assert seen == ["acme:y", "globex:y", "initech:y"]
+
+
 async def test_hooks_run_in_order_and_survive_a_failing_handler() -> None:
     """Handlers run in registration order; a failing one is logged and skipped."""
     hooks = HookRegistry()
