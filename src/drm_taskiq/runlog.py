@@ -328,7 +328,8 @@ class RunLedger:
     dedicated) stands by while such an announcement exists, so that its event loop runs jobs
     only, and writes again as soon as the last one expired (a dedicated writer that stopped,
     died or cannot write): entries never wait for a process nobody runs. Entries a writer read
-    but did not store are claimed by another after ``claim_idle_ms``.
+    but did not store are claimed by another after ``claim_idle_ms``; those of a dedicated
+    writer whose announcement expired, by the worker's writer that takes over, at once.
     """
 
     WRITER_TTL_MS = 5_000
@@ -357,6 +358,7 @@ class RunLedger:
         self._group_ready = False
         self._checked_at = float("-inf")
         self._standing_by = False
+        self._writer_seen = ""  # the dedicated writer last seen announced (standby writers)
         # No entry was read by this consumer and left unsettled: a batch starts with the new
         # ones (one XREADGROUP fewer per batch). Cleared before every write, and by a claim.
         self._caught_up = False
@@ -405,8 +407,38 @@ class RunLedger:
                 consumer=self.consumer,
                 dedicated_writer=writer.decode() if isinstance(writer, bytes) else writer,
             )
+        if standing_by:
+            self._writer_seen = writer.decode() if isinstance(writer, bytes) else str(writer)
+        elif self._standing_by and self._writer_seen:
+            # The dedicated writer's announcement expired: it died, stopped or cannot write.
+            # Take over what it read and did not settle now, not after claim_idle_ms.
+            gone, self._writer_seen = self._writer_seen, ""
+            await self.claim_from(gone)
         self._standing_by = standing_by
         return standing_by
+
+    async def claim_from(self, consumer: str) -> int:
+        """Take over, at once, the entries ``consumer`` (a dedicated writer whose announcement
+        expired) read but did not settle. Writing an entry twice changes nothing (each row's
+        id comes from its attempt: ``ON CONFLICT DO NOTHING``), so a writer that was only
+        slow loses nothing either."""
+        redis, key = self.queue.redis, self.queue.keys.ledger
+        claimed = 0
+        while True:
+            pending = await redis.xpending_range(
+                key, LEDGER_GROUP, min="-", max="+", count=1000, consumername=consumer
+            )
+            ids: list[Any] = [item["message_id"] for item in pending or []]
+            if not ids:
+                break
+            await redis.xclaim(
+                key, LEDGER_GROUP, self.consumer, min_idle_time=0, message_ids=ids, justid=True
+            )
+            claimed += len(ids)
+        if claimed:
+            self._caught_up = False  # the claimed entries are this consumer's pending ones now
+            log.info("ledger_entries_claimed", count=claimed, from_consumer=consumer)
+        return claimed
 
     async def _retire(self) -> None:
         """A dedicated writer that stops removes its announcement (if it is still its own),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from structlog.testing import capture_logs
 
 from drm_taskiq import JobScheduler
 from drm_taskiq.queue_broker import Batcher, DrmBroker
@@ -24,7 +26,7 @@ from drm_taskiq.redis_queue import (
     now_ms,
     pool_options,
 )
-from drm_taskiq.runlog import RunLedger
+from drm_taskiq.runlog import LedgerEntry, RunLedger, write_entries
 from drm_taskiq.settings import load_settings
 from tests.conftest import wait_for
 from tests.support.services import PrivateRedis
@@ -759,6 +761,55 @@ async def test_a_worker_at_a_low_rate_asks_redis_once_per_job(
     # one waiting take per job (plus at most one renewal of the 1 s wait); no extra takes
     assert calls["take"] == 0, calls
     assert calls["wait_and_take"] <= 12, calls
+
+
+async def test_a_standby_writer_takes_over_a_gone_writers_entries_at_once(
+    client: JobScheduler,
+    db: asyncpg.Pool,
+    redis_client: Any,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dedicated writer that read entries and died (its announcement expired) leaves them
+    pending: the worker's writer that takes over claims them at once and writes them (not after
+    claim_idle_ms); the same entries written again by a writer that was only slow change
+    nothing."""
+    monkeypatch.setattr(RunLedger, "CHECK_EVERY_S", 0.0)
+    queue = client.broker.queue
+    dedicated = RunLedger(queue, db, consumer="sched-1", dedicated=True)
+    worker = RunLedger(queue, db, consumer="worker-1", claim_idle_ms=600_000)
+    await dedicated.ensure_group()
+    await dedicated.standing_by()  # announced
+    assert await worker.standing_by()
+    now = now_ms()
+    for i in range(3):
+        entry = {
+            "id": f"gone-{i}", "plugin": "testp", "tenant": tenant, "job": "work",
+            "ts": str(now), "started": str(now), "at": str(now), "attempt": 1,
+            "status": "success", "state": "completed", "final": 1, "outcome": "completed",
+            "value": "null", "extra": "{}", "gen": 0,
+        }  # fmt: skip
+        await redis_client.xadd(queue.keys.ledger, {"e": json.dumps(entry)})
+    assert len(await dedicated._read(">", None)) == 3  # read, then the writer is SIGKILLed
+    await redis_client.pexpire(queue.keys.ledger_writer, 1)
+    await asyncio.sleep(0.05)
+
+    with capture_logs() as logs:
+        assert not await worker.standing_by()  # takes over
+        assert await worker.flush_once() == 3
+    claimed = [e for e in logs if e["event"] == "ledger_entries_claimed"]
+    assert [(e["count"], e["from_consumer"]) for e in claimed] == [(3, "sched-1")]
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 3
+    assert await redis_client.xlen(queue.keys.ledger) == 0
+
+    # the same attempts written again (a writer that was only slow) add no row
+    async with db.acquire() as conn:
+        await write_entries(
+            conn,
+            queue.keys.queue,
+            [LedgerEntry.parse("1-1", json.dumps({**entry, "id": f"gone-{i}"})) for i in range(3)],
+        )
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 3
 
 
 async def test_a_workers_ledger_stands_by_while_a_dedicated_writer_is_announced(
