@@ -449,9 +449,11 @@ class DrmBroker(ListQueueBroker):
         )
 
     def _settling(self) -> int:
-        """Jobs leased by this worker and not yet acknowledged: acknowledgements that may still
-        join the batch being gathered."""
-        return len(self._held)
+        """Jobs whose handler started here and that are not acknowledged yet: the
+        acknowledgements that may still join the batch being gathered. Jobs leased but not
+        started (waiting for a slot) do not count: a batch waiting for them waited its whole
+        linger time, holding the slot of the job it acknowledges (one slot: 10 ms a job)."""
+        return len(self._started)
 
     def _release(self, job_id: str) -> None:
         self._held.pop(job_id, None)

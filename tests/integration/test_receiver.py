@@ -197,3 +197,51 @@ async def test_a_leased_job_whose_lease_was_taken_over_is_not_started(
     assert ran == ["l0"]
     for job_id in ("l1", "l2", "l3"):  # still the other worker's: nothing given back here
         assert await redis_client.hget(keys.job(job_id), "token") == b"another-worker:1"
+
+
+async def test_an_acknowledgement_does_not_wait_for_jobs_not_started(
+    settings: Settings, client: JobScheduler, tenant: str
+) -> None:
+    """One slot, 8 jobs leased at a time: each acknowledgement goes at once. The batcher waits
+    for more only while other started jobs may still settle; leased jobs waiting for the slot
+    made every acknowledgement wait its whole linger time (and hold the slot meanwhile)."""
+    ran: list[str] = []
+
+    async def work(ctx: Any, job: Any) -> None:
+        ran.append(job.id)
+
+    async def setup(s: JobScheduler) -> None:
+        await s.register_job("testp", "w", work)
+
+    await setup(client)
+    ids = [f"a{i}" for i in range(16)]
+    for i, job_id in enumerate(ids):
+        await client.add_job("testp", "w", i, {"job_id": job_id}, tenant_id=tenant)
+    broker = await _worker(settings, _Runs(), worker_concurrency=8, take_batch=8)
+    await setup(JobScheduler(broker, plugins=[]))
+    waited: list[tuple[int, int]] = []  # (started, leased) whenever a batch would wait
+    original = broker._acks._gather
+
+    async def gather() -> None:
+        if broker._acks._may_grow():
+            waited.append((len(broker._started), len(broker._held)))
+        await original()
+
+    broker._acks._gather = gather  # type: ignore[method-assign]
+    receiver = Receiver(broker, max_async_tasks=1, run_startup=False)
+    finish = asyncio.Event()
+    listening = asyncio.create_task(receiver.listen(finish))
+    try:
+        await wait_for(lambda: len(ran) == 16, timeout=30)
+
+        async def all_acknowledged() -> bool:
+            counts = await client.broker.queue.counts()
+            return counts["waiting"] + counts["active"] == 0
+
+        await wait_for(all_acknowledged, timeout=30)
+    finally:
+        finish.set()
+        await asyncio.wait_for(listening, timeout=30)
+        await broker.shutdown()
+    assert sorted(ran) == sorted(ids)
+    assert waited == []  # the only started job was the one being acknowledged
