@@ -43,15 +43,20 @@ async def _worker(settings: Settings, runs: _Runs, **overrides: Any) -> DrmBroke
     return broker
 
 
+async def _enqueue(client: JobScheduler, tenant: str, runs: _Runs, ids: list[str]) -> None:
+    """Register ``runs``' job with the client and enqueue one run per id, in order."""
+    await runs.setup(client)
+    for i, job_id in enumerate(ids):
+        await client.add_job("testp", "w", i, {"job_id": job_id}, tenant_id=tenant)
+
+
 async def test_ready_jobs_are_handed_over_without_the_racing_path(
     settings: Settings, client: JobScheduler, db: asyncpg.Pool, tenant: str
 ) -> None:
     """40 jobs taken 20 at a time: all run, and taskiq's per-message racing path (two tasks and
     two waits) serves only the calls that had to go to Redis, not every job."""
     runs = _Runs()
-    await runs.setup(client)
-    for i in range(40):
-        await client.add_job("testp", "w", i, {"job_id": f"r{i}"}, tenant_id=tenant)
+    await _enqueue(client, tenant, runs, [f"r{i}" for i in range(40)])
     broker = await _worker(settings, runs, worker_concurrency=20, take_batch=20)
     receiver = Receiver(broker, max_async_tasks=100, run_startup=False)
     assert broker.receiver_kind == "drm"
@@ -86,10 +91,8 @@ async def test_max_tasks_per_child_stops_after_that_many_and_returns_the_rest(
     """``--max-tasks-per-child 3`` with 10 jobs and 4 leased at a time: the receiver runs 3 and
     stops; the jobs it had leased and not run wait again, none is lost."""
     runs = _Runs()
-    await runs.setup(client)
     ids = [f"m{i}" for i in range(10)]
-    for i, job_id in enumerate(ids):
-        await client.add_job("testp", "w", i, {"job_id": job_id}, tenant_id=tenant)
+    await _enqueue(client, tenant, runs, ids)
     broker = await _worker(settings, runs, worker_concurrency=4, take_batch=4)
     receiver = Receiver(broker, max_async_tasks=100, max_tasks_to_execute=3, run_startup=False)
     try:
@@ -205,20 +208,10 @@ async def test_an_acknowledgement_does_not_wait_for_jobs_not_started(
     """One slot, 8 jobs leased at a time: each acknowledgement goes at once. The batcher waits
     for more only while other started jobs may still settle; leased jobs waiting for the slot
     made every acknowledgement wait its whole linger time (and hold the slot meanwhile)."""
-    ran: list[str] = []
-
-    async def work(ctx: Any, job: Any) -> None:
-        ran.append(job.id)
-
-    async def setup(s: JobScheduler) -> None:
-        await s.register_job("testp", "w", work)
-
-    await setup(client)
+    runs = _Runs()
     ids = [f"a{i}" for i in range(16)]
-    for i, job_id in enumerate(ids):
-        await client.add_job("testp", "w", i, {"job_id": job_id}, tenant_id=tenant)
-    broker = await _worker(settings, _Runs(), worker_concurrency=8, take_batch=8)
-    await setup(JobScheduler(broker, plugins=[]))
+    await _enqueue(client, tenant, runs, ids)
+    broker = await _worker(settings, runs, worker_concurrency=8, take_batch=8)
     waited: list[tuple[int, int]] = []  # (started, leased) whenever a batch would wait
     original = broker._acks._gather
 
@@ -232,7 +225,7 @@ async def test_an_acknowledgement_does_not_wait_for_jobs_not_started(
     finish = asyncio.Event()
     listening = asyncio.create_task(receiver.listen(finish))
     try:
-        await wait_for(lambda: len(ran) == 16, timeout=30)
+        await wait_for(lambda: len(runs.ids) == 16, timeout=30)
 
         async def all_acknowledged() -> bool:
             counts = await client.broker.queue.counts()
@@ -243,5 +236,5 @@ async def test_an_acknowledgement_does_not_wait_for_jobs_not_started(
         finish.set()
         await asyncio.wait_for(listening, timeout=30)
         await broker.shutdown()
-    assert sorted(ran) == sorted(ids)
+    assert sorted(runs.ids) == sorted(ids)
     assert waited == []  # the only started job was the one being acknowledged
