@@ -94,6 +94,8 @@ class JobScheduler:
         self._contexts: dict[tuple[str, str], PluginContext] = {}
         self._loaded_for: set[tuple[str, str]] = set()  # (plugin, tenant) on_load was called for
         self._sync_task: asyncio.Task[None] | None = None
+        self._synced_on_demand_at = float("-inf")
+        broker.task_appeared = self._task_appeared
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -192,6 +194,19 @@ class JobScheduler:
                 log.info("plugin_enabled_loaded", plugin_id=plugin.id, tenant_id=tenant_id)
                 loaded += 1
         return loaded
+
+    async def _task_appeared(self, task_name: str) -> bool:
+        """A job of ``task_name`` came and this process has not registered it: when it is a
+        job of a plugin loaded here, a tenant may have enabled that plugin since the last
+        sync; sync now. Whether the task is registered then."""
+        parts = task_name.split(":", 2)
+        if len(parts) != 3 or parts[0] != "plugin" or parts[1] not in self.loaded_plugins:
+            return False
+        now = time.monotonic()
+        if now - self._synced_on_demand_at >= 1.0:  # a stream of such jobs: one sync a second
+            self._synced_on_demand_at = now
+            await self.sync_plugins()
+        return self.broker.find_task(task_name) is not None
 
     def start_plugin_sync(self) -> None:
         """Run :meth:`sync_plugins` every ``DRM_PLUGIN_SYNC_S`` in the background (workers and

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import json
 import os
 import signal
 import socket
@@ -110,6 +111,9 @@ class DrmBroker(ListQueueBroker):
         self._take_counter = 0
         self._acking = 0  # jobs between the start of their acknowledgement and its answer
         self._pruned_at = float("-inf")
+        # Set by JobScheduler: given a job's task name this process has not registered, whether
+        # it is registered now (after loading plugins a tenant enabled since the start).
+        self.task_appeared: Callable[[str], Awaitable[bool]] | None = None
         self._acks: Batcher[Settlement, int] = Batcher(
             self._finish_batch,
             max_size=ACK_BATCH,
@@ -401,6 +405,11 @@ class DrmBroker(ListQueueBroker):
 
     async def _settle(self, delivery: Delivery) -> None:
         pending = self._outcomes.pop(delivery.job_id, None)
+        if pending is None and await self._registered_since(delivery):
+            # Its plugin was enabled for a tenant after this worker started: the job goes back
+            # to waiting (no attempt counted) and runs now that its task is known.
+            pending = PendingOutcome("requeue")
+            log.info("job_requeued_task_registered", job_id=delivery.job_id)
         if pending is None:
             pending = PendingOutcome(
                 "dead", value="message could not be decoded or its task is not registered"
@@ -411,6 +420,23 @@ class DrmBroker(ListQueueBroker):
             log.warning("job_lease_lost", job_id=delivery.job_id, outcome=pending.outcome)
         elif settled == CIRCUIT_OPENED:
             await self._circuit_opened(delivery.job_id)
+
+    async def _registered_since(self, delivery: Delivery) -> bool:
+        """Whether the job came without an outcome because its task was not registered here
+        and is registered now (``task_appeared``); not for an undecodable message."""
+        if self.task_appeared is None:
+            return False
+        try:
+            name = json.loads(delivery.message).get("task_name")
+        except (ValueError, AttributeError):
+            return False
+        if not isinstance(name, str) or self.find_task(name) is not None:
+            return False  # registered all along: the outcome is missing for another reason
+        try:
+            return await self.task_appeared(name)
+        except Exception as exc:  # PostgreSQL away: dead-letter as before
+            log.warning("task_lookup_failed", job_id=delivery.job_id, error=repr(exc))
+            return False
 
     async def _circuit_opened(self, job_id: str) -> None:
         raw = await self.queue.job(job_id) or {}

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from drm_taskiq import JobScheduler, define_plugin, store
 from drm_taskiq.cron import CronEngine
@@ -294,3 +295,40 @@ async def test_a_plugin_enabled_for_a_tenant_at_run_time_is_loaded_for_it(
         await wait_for(lambda: "umbrella" in loads, timeout=10)
         await s.stop_plugin_sync()
     assert loads == [tenant, "globex", "umbrella"]
+
+
+async def test_a_job_of_a_plugin_enabled_after_the_worker_started_runs(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str, redis_client: Any
+) -> None:
+    """A worker started while no tenant had the plugin enabled does not know its jobs. A job of
+    it taken after a tenant enabled it, before the worker's next periodic sync, is not
+    dead-lettered: the worker syncs at once, the job waits again (no attempt counted) and runs."""
+    ran: list[str] = []
+
+    async def work(ctx: Any, job: Any) -> None:
+        ran.append(job.id)
+
+    async def on_load(ctx: Any) -> None:
+        await ctx.scheduler.register_job("late", "w", work)
+
+    plugin = define_plugin(id="late", name="l", version="1", on_load=on_load)
+
+    def setup(s: JobScheduler) -> None:
+        s.loaded_plugins["late"] = plugin  # loaded; no tenant had it enabled: no on_load ran
+
+    worker = await start_worker(setup)
+    assert worker.broker.find_task("plugin:late:w") is None
+    await store.ensure_tenant(db, tenant, plugins={"late": {}})
+    await client.register_job("late", "w", work)
+    with capture_logs() as logs:
+        job_id = await client.add_job("late", "w", {"n": 1}, tenant_id=tenant)
+        await wait_for(lambda: ran == [job_id], timeout=20)
+        await wait_for(
+            lambda: db.fetchval("SELECT state = 'completed' FROM jobs WHERE job_id = $1", job_id)
+        )
+    events = [e["event"] for e in logs]
+    assert "job_requeued_task_registered" in events
+    assert "job_dead_lettered" not in events
+    assert await redis_client.llen(client.broker.queue.keys.dead) == 0
+    runs = await db.fetch("SELECT status FROM plugin_runs")
+    assert [r["status"] for r in runs] == ["success"]  # the requeue is not an attempt
