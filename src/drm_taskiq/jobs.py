@@ -490,7 +490,10 @@ class JobScheduler:
         check_id(plugin_id, "plugin_id")
         check_id(job_name, "job_name")
         check_id(tenant_id, "tenant_id")
-        task = self.broker.find_task(task_name(plugin_id, job_name))
+        name = task_name(plugin_id, job_name)
+        task = self.broker.find_task(name)
+        if task is None and await self._task_appeared(name):  # enabled since this started
+            task = self.broker.find_task(name)
         if task is None:
             raise UnknownJobError(
                 "job_name", f"no job {job_name!r} registered for plugin {plugin_id!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,7 @@ from structlog.testing import capture_logs
 
 from drm_taskiq import JobScheduler, define_plugin, store
 from drm_taskiq.cron import CronEngine
+from drm_taskiq.errors import UnknownJobError
 from drm_taskiq.settings import Settings
 from tests.conftest import started_client, wait_for
 from tests.support.processes import binary, process_env
@@ -332,3 +334,28 @@ async def test_a_job_of_a_plugin_enabled_after_the_worker_started_runs(
     assert await redis_client.llen(client.broker.queue.keys.dead) == 0
     runs = await db.fetch("SELECT status FROM plugin_runs")
     assert [r["status"] for r in runs] == ["success"]  # the requeue is not an attempt
+
+
+async def test_add_job_knows_a_plugin_enabled_after_the_client_started(
+    settings: Settings, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A client (an application) started while no tenant had the plugin enabled: add_job for a
+    tenant that enabled it since syncs and enqueues, instead of raising UnknownJobError; a job
+    of a plugin still enabled nowhere is refused as before."""
+
+    async def work(ctx: Any, job: Any) -> None:
+        return None
+
+    async def on_load(ctx: Any) -> None:
+        await ctx.scheduler.register_job("late", "w", work)
+
+    plugin = define_plugin(id="late", name="l", version="1", on_load=on_load)
+    async with started_client(settings, [plugin]) as client:
+        assert client.broker.find_task("plugin:late:w") is None
+        with pytest.raises(UnknownJobError):
+            await client.add_job("late", "w", {"n": 0}, tenant_id=tenant)
+        await store.ensure_tenant(db, tenant, plugins={"late": {}})
+        await asyncio.sleep(1.1)  # the refusal just above synced: one on-demand sync a second
+        job_id = await client.add_job("late", "w", {"n": 1}, tenant_id=tenant)
+        status = await client.get_job_status("late", "w", job_id)
+        assert status is not None and status.state == "waiting"
