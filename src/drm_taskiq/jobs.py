@@ -95,6 +95,7 @@ class JobScheduler:
         self._loaded_for: set[tuple[str, str]] = set()  # (plugin, tenant) on_load was called for
         self._sync_task: asyncio.Task[None] | None = None
         self._synced_on_demand_at = float("-inf")
+        self._sync_lock = asyncio.Lock()
         broker.task_appeared = self._task_appeared
 
     @property
@@ -202,10 +203,14 @@ class JobScheduler:
         parts = task_name.split(":", 2)
         if len(parts) != 3 or parts[0] != "plugin" or parts[1] not in self.loaded_plugins:
             return False
-        now = time.monotonic()
-        if now - self._synced_on_demand_at >= 1.0:  # a stream of such jobs: one sync a second
-            self._synced_on_demand_at = now
-            await self.sync_plugins()
+        async with self._sync_lock:  # a concurrent caller waits for the sync under way
+            now = time.monotonic()
+            if (
+                self.broker.find_task(task_name) is None
+                and now - self._synced_on_demand_at >= 1.0  # a stream of such jobs: 1 sync/s
+            ):
+                self._synced_on_demand_at = now
+                await self.sync_plugins()
         return self.broker.find_task(task_name) is not None
 
     def start_plugin_sync(self) -> None:

@@ -340,8 +340,8 @@ async def test_add_job_knows_a_plugin_enabled_after_the_client_started(
     settings: Settings, db: asyncpg.Pool, tenant: str
 ) -> None:
     """A client (an application) started while no tenant had the plugin enabled: add_job for a
-    tenant that enabled it since syncs and enqueues, instead of raising UnknownJobError; a job
-    of a plugin still enabled nowhere is refused as before."""
+    tenant that enabled it since syncs and enqueues (two at once: both), instead of raising
+    UnknownJobError; a job of a plugin still enabled nowhere is refused as before."""
 
     async def work(ctx: Any, job: Any) -> None:
         return None
@@ -356,6 +356,9 @@ async def test_add_job_knows_a_plugin_enabled_after_the_client_started(
             await client.add_job("late", "w", {"n": 0}, tenant_id=tenant)
         await store.ensure_tenant(db, tenant, plugins={"late": {}})
         await asyncio.sleep(1.1)  # the refusal just above synced: one on-demand sync a second
-        job_id = await client.add_job("late", "w", {"n": 1}, tenant_id=tenant)
-        status = await client.get_job_status("late", "w", job_id)
-        assert status is not None and status.state == "waiting"
+        ids = await asyncio.gather(  # the second waits for the first one's sync
+            *(client.add_job("late", "w", {"n": n}, tenant_id=tenant) for n in (1, 2))
+        )
+        for job_id in ids:
+            status = await client.get_job_status("late", "w", job_id)
+            assert status is not None and status.state == "waiting"
