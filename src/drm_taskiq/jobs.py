@@ -167,8 +167,10 @@ class JobScheduler:
             )
         for plugin in plugins:
             self.loaded_plugins[plugin.id] = plugin
-            if plugin.schema:
-                await store.apply_plugin_schema(self.pool, plugin.id, plugin.schema)
+            if plugin.schema and await store.apply_plugin_schema(
+                self.pool, plugin.id, plugin.schema
+            ):
+                log.info("plugin_schema_applied", plugin_id=plugin.id)
             tenants = await store.fetch_enabled_tenants(self.pool, plugin.id)
             for tenant_id in tenants:
                 self._loaded_for.add((plugin.id, tenant_id))

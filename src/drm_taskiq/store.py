@@ -110,12 +110,31 @@ async def migrate(settings: Settings) -> list[str]:
     return applied
 
 
-async def apply_plugin_schema(pool: asyncpg.Pool, plugin_id: str, sql: str) -> None:
-    """Run a plugin's DDL with the platform's rights, one process at a time."""
+async def apply_plugin_schema(pool: asyncpg.Pool, plugin_id: str, sql: str) -> bool:
+    """Run a plugin's DDL with the platform's rights, one process at a time, unless this very
+    DDL was applied already (its checksum in ``plugin_schemas``); True when it ran. Without
+    that table (migrations not applied) it always runs."""
     lock = int.from_bytes(hashlib.sha256(f"plugin-schema:{plugin_id}".encode()).digest()[:8], "big")
+    checksum = hashlib.sha256(sql.encode()).hexdigest()
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", lock - 2**63)
+        tracked = await conn.fetchval("SELECT to_regclass('plugin_schemas') IS NOT NULL")
+        if tracked:
+            applied = await conn.fetchval(
+                "SELECT checksum FROM plugin_schemas WHERE plugin_id = $1", plugin_id
+            )
+            if applied == checksum:
+                return False
         await conn.execute(sql)
+        if tracked:
+            await conn.execute(
+                "INSERT INTO plugin_schemas (plugin_id, checksum) VALUES ($1, $2)"
+                " ON CONFLICT (plugin_id) DO UPDATE"
+                " SET checksum = EXCLUDED.checksum, applied_at = NOW()",
+                plugin_id,
+                checksum,
+            )
+    return True
 
 
 async def fetch_enabled_tenants(pool: asyncpg.Pool, plugin_id: str) -> list[str]:

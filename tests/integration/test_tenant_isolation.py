@@ -196,3 +196,26 @@ async def test_a_plugins_context_scheduler_manages_its_own_jobs_only(
     assert status is not None and status.state == "waiting"
     await operator.remove_job("other", "work")  # the operator's scheduler: any plugin
     assert [r["plugin_id"] for r in await db.fetch("SELECT plugin_id FROM schedules")] == ["testp"]
+
+
+async def test_a_plugin_schema_runs_again_only_when_it_changed(
+    client: JobScheduler, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A plugin's schema runs at the first start and again only when its text changed (each
+    run of drm_tenant_table() locks the table for a moment; every worker start did it); each
+    plugin has its own; plugin code cannot read the checksums."""
+    sql = "CREATE TABLE IF NOT EXISTS schema_runs (n INT); INSERT INTO schema_runs VALUES (1);"
+
+    async def runs() -> int:
+        return int(await db.fetchval("SELECT count(*) FROM schema_runs"))
+
+    assert await store.apply_plugin_schema(db, "p1", sql)
+    assert not await store.apply_plugin_schema(db, "p1", sql)  # the next process start
+    assert await runs() == 1
+    assert await store.apply_plugin_schema(db, "p1", sql + " -- v2")
+    assert await runs() == 2
+    assert await store.apply_plugin_schema(db, "p2", sql)
+    assert await runs() == 3
+    ctx = create_plugin_context("testp", tenant, scheduler=client)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await ctx.db.fetch("SELECT * FROM plugin_schemas")
