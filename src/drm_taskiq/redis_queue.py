@@ -554,11 +554,10 @@ class RedisQueue:
             for job_id in ids:
                 pipe.hgetall(self.keys.job(job_id))
             hashes = await pipe.execute()
-        jobs = []
-        for job_id, raw in zip(ids, hashes, strict=True):
-            fields = {_text(k): _text(v) for k, v in raw.items() if _text(k) != "msg"}
-            jobs.append({"id": job_id, "state": "gone", **fields})
-        return jobs
+        return [
+            {"id": job_id, "state": "gone", **_without_message(raw)}
+            for job_id, raw in zip(ids, hashes, strict=True)
+        ]
 
     async def purge_dead(self, per_call: int = 1000) -> tuple[int, int]:
         """Empty the dead-letter list, deleting the jobs that are still failed (not those
@@ -579,7 +578,7 @@ class RedisQueue:
         raw = await self.redis.hgetall(self.keys.job(job_id))
         if not raw:
             return None
-        return {_text(key): _text(value) for key, value in raw.items() if _text(key) != "msg"}
+        return _without_message(raw)
 
     async def set_progress(self, job_id: str, progress: Any) -> None:
         """Record a running job's progress (JSON)."""
@@ -684,6 +683,11 @@ _GET_CONNECTION_ARGS = ("EVALSHA",) if _NAME is not None and _NAME.default is _N
 
 def _flatten(fields: dict[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
+
+
+def _without_message(raw: dict[Any, Any]) -> dict[str, str]:
+    """A job hash as text, without its message."""
+    return {_text(key): _text(value) for key, value in raw.items() if _text(key) != "msg"}
 
 
 def _text(value: Any) -> str:

@@ -399,16 +399,17 @@ class RunLedger:
             if healthy:
                 await self.queue.redis.set(key, self.consumer, px=self.WRITER_TTL_MS)
             return False
-        writer = await self.queue.redis.get(key)
+        raw = await self.queue.redis.get(key)
+        writer = raw.decode() if isinstance(raw, bytes) else raw
         standing_by = writer is not None
         if standing_by != self._standing_by:
             log.info(
                 "ledger_standing_by" if standing_by else "ledger_writing",
                 consumer=self.consumer,
-                dedicated_writer=writer.decode() if isinstance(writer, bytes) else writer,
+                dedicated_writer=writer,
             )
-        if standing_by:
-            self._writer_seen = writer.decode() if isinstance(writer, bytes) else str(writer)
+        if writer is not None:
+            self._writer_seen = writer
         elif self._standing_by and self._writer_seen:
             # The dedicated writer's announcement expired: it died, stopped or cannot write.
             # Take over what it read and did not settle now, not after claim_idle_ms.
@@ -435,10 +436,13 @@ class RunLedger:
                 key, LEDGER_GROUP, self.consumer, min_idle_time=0, message_ids=ids, justid=True
             )
             claimed += len(ids)
-        if claimed:
-            self._caught_up = False  # the claimed entries are this consumer's pending ones now
-            log.info("ledger_entries_claimed", count=claimed, from_consumer=consumer)
+        self._claimed(claimed, from_consumer=consumer)
         return claimed
+
+    def _claimed(self, count: int, **fields: Any) -> None:
+        if count:
+            self._caught_up = False  # the claimed entries are this consumer's pending ones now
+            log.info("ledger_entries_claimed", count=count, **fields)
 
     async def _retire(self) -> None:
         """A dedicated writer that stops removes its announcement (if it is still its own),
@@ -581,9 +585,7 @@ class RunLedger:
         claimed: list[Any] = list(reply or [])
         if len(claimed) >= 2 and isinstance(claimed[1], list):  # [next id, ids, deleted ids]
             claimed = claimed[1]
-        if claimed:
-            self._caught_up = False  # the claimed entries are this consumer's pending ones now
-            log.info("ledger_entries_claimed", count=len(claimed))
+        self._claimed(len(claimed))
         return len(claimed)
 
     async def drain(self, max_seconds: float = 3.0) -> int:
