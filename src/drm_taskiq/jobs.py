@@ -186,16 +186,19 @@ class JobScheduler:
         cron jobs and per-tenant set-up without a restart. Returns how many were loaded.
         (A plugin disabled meanwhile is not unloaded: its jobs are refused at run time and its
         schedules stop firing for that tenant.)"""
+        plugins = dict(self.loaded_plugins)
+        if not plugins:
+            return 0
         loaded = 0
-        for plugin in list(self.loaded_plugins.values()):
-            for tenant_id in await store.fetch_enabled_tenants(self.pool, plugin.id):
-                if (plugin.id, tenant_id) in self._loaded_for:
-                    continue
-                self._loaded_for.add((plugin.id, tenant_id))
-                self._configs.pop((tenant_id, plugin.id), None)  # a cached "not enabled"
-                await self._call_hook(plugin, tenant_id, "on_load")
-                log.info("plugin_enabled_loaded", plugin_id=plugin.id, tenant_id=tenant_id)
-                loaded += 1
+        for pair in await store.fetch_enabled_pairs(self.pool, list(plugins)):
+            if pair in self._loaded_for:
+                continue
+            self._loaded_for.add(pair)
+            plugin_id, tenant_id = pair
+            self._configs.pop((tenant_id, plugin_id), None)  # a cached "not enabled"
+            await self._call_hook(plugins[plugin_id], tenant_id, "on_load")
+            log.info("plugin_enabled_loaded", plugin_id=plugin_id, tenant_id=tenant_id)
+            loaded += 1
         return loaded
 
     async def _task_appeared(self, task_name: str) -> bool:

@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import orjson
 import structlog
@@ -219,7 +219,12 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
-    _DIRECT[:] = [] if log_format == "console" else [chain, wrapper, factory, info_enabled(level)]
+    global _DIRECT  # noqa: PLW0603  (the set-up log_info checks against)
+    _DIRECT = (
+        None
+        if log_format == "console"
+        else _JsonSetUp(chain, wrapper, factory, info_enabled(level))
+    )
     handler: logging.StreamHandler[Any] = logging.StreamHandler(output)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -236,9 +241,18 @@ def configure_logging(
 
 
 _OUTPUT: list[LoopBufferedLogger] = []  # the logger of the last configure_logging call
-# The JSON set-up of the last configure_logging call: its processor list, wrapper class and
-# logger factory (as given to structlog), and whether INFO passes its level; empty for console.
-_DIRECT: list[Any] = []
+
+
+class _JsonSetUp(NamedTuple):
+    """The JSON set-up of a configure_logging call, as given to structlog."""
+
+    chain: list[Any]
+    wrapper_class: Any
+    logger_factory: Callable[..., LoopBufferedLogger]
+    info_enabled: bool
+
+
+_DIRECT: _JsonSetUp | None = None  # the last configure_logging call's (None: console)
 
 
 def info_enabled(level: str) -> bool:
@@ -264,21 +278,24 @@ def log_info(event: str, **fields: Any) -> None:
     config = structlog.get_config()
     direct = _DIRECT
     chain = config["processors"]
+    if direct is None:
+        structlog.get_logger().info(event, **fields)
+        return
+    own_chain, wrapper_class, logger_factory, enabled = direct
     if (
-        not direct
-        or chain is not direct[0]
-        or config["wrapper_class"] is not direct[1]
-        or config["logger_factory"] is not direct[2]
+        chain is not own_chain
+        or config["wrapper_class"] is not wrapper_class
+        or config["logger_factory"] is not logger_factory
         or len(chain) != 2
         or chain[0] is not merge_contextvars
         or chain[1] is not _render_json
     ):
         structlog.get_logger().info(event, **fields)
         return
-    if not direct[3]:
+    if not enabled:
         return
     fields["event"] = event
-    output = direct[2]()
+    output = logger_factory()
     output.msg(_render_json(output, "info", merge_contextvars(output, "info", fields)))
 
 

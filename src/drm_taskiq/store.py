@@ -146,6 +146,16 @@ async def fetch_enabled_tenants(pool: asyncpg.Pool, plugin_id: str) -> list[str]
     return [row["tenant_id"] for row in rows]
 
 
+async def fetch_enabled_pairs(pool: asyncpg.Pool, plugin_ids: list[str]) -> list[tuple[str, str]]:
+    """(plugin, tenant) pairs enabled for any of ``plugin_ids``, by plugin then tenant."""
+    rows = await pool.fetch(
+        "SELECT plugin_id, tenant_id FROM tenant_plugins WHERE plugin_id = ANY($1::text[])"
+        " AND enabled ORDER BY plugin_id, tenant_id",
+        plugin_ids,
+    )
+    return [(row["plugin_id"], row["tenant_id"]) for row in rows]
+
+
 async def tenant_plugin_enabled(pool: asyncpg.Pool, tenant_id: str, plugin_id: str) -> bool | None:
     """True/False for an enabled/disabled plugin, None when the tenant does not exist."""
     row = await pool.fetchrow(
