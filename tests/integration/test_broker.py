@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from drm_taskiq.redis_queue import (
 from drm_taskiq.runlog import LedgerEntry, RunLedger, write_entries
 from drm_taskiq.settings import load_settings
 from tests.conftest import wait_for
+from tests.support.ledger import ledger_entry
 from tests.support.services import PrivateRedis
 
 pytestmark = pytest.mark.asyncio
@@ -782,14 +782,9 @@ async def test_a_standby_writer_takes_over_a_gone_writers_entries_at_once(
     await dedicated.standing_by()  # announced
     assert await worker.standing_by()
     now = now_ms()
-    for i in range(3):
-        entry = {
-            "id": f"gone-{i}", "plugin": "testp", "tenant": tenant, "job": "work",
-            "ts": str(now), "started": str(now), "at": str(now), "attempt": 1,
-            "status": "success", "state": "completed", "final": 1, "outcome": "completed",
-            "value": "null", "extra": "{}", "gen": 0,
-        }  # fmt: skip
-        await redis_client.xadd(queue.keys.ledger, {"e": json.dumps(entry)})
+    entries = [ledger_entry(f"gone-{i}", tenant=tenant, at_ms=now) for i in range(3)]
+    for entry in entries:
+        await redis_client.xadd(queue.keys.ledger, {"e": entry})
     assert len(await dedicated._read(">", None)) == 3  # read, then the writer is SIGKILLed
     await redis_client.pexpire(queue.keys.ledger_writer, 1)
     await asyncio.sleep(0.05)
@@ -807,7 +802,7 @@ async def test_a_standby_writer_takes_over_a_gone_writers_entries_at_once(
         await write_entries(
             conn,
             queue.keys.queue,
-            [LedgerEntry.parse("1-1", json.dumps({**entry, "id": f"gone-{i}"})) for i in range(3)],
+            [LedgerEntry.parse("1-1", entry) for entry in entries],
         )
     assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 3
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from typing import Any
 
 import asyncpg
@@ -17,21 +16,9 @@ from drm_taskiq.options import storable_json
 from drm_taskiq.redis_queue import RedisQueue
 from drm_taskiq.runlog import RunLedger
 from drm_taskiq.settings import Settings
+from tests.support.ledger import ledger_entry
 
 pytestmark = pytest.mark.asyncio
-
-
-def _entry(job_id: str, **fields: Any) -> str:
-    """A ledger entry as finish.lua writes it (a completed attempt unless ``fields`` say)."""
-    now = int(time.time() * 1000)
-    body: dict[str, Any] = {
-        "id": job_id, "plugin": "testp", "tenant": "acme", "job": "work", "ts": str(now),
-        "started": str(now), "at": str(now), "attempt": 1, "status": "success",
-        "state": "completed", "final": 1, "outcome": "completed", "value": "null",
-        "extra": "{}", "gen": 0,
-    }  # fmt: skip
-    body.update(fields)
-    return json.dumps(body)
 
 
 async def _write(settings: Settings, db: asyncpg.Pool, redis: aioredis.Redis, *raw: str) -> int:
@@ -52,7 +39,7 @@ async def test_hostile_text_in_a_failed_attempt_is_stored_not_refused(
     are stored with replacements; the whole batch is written."""
     await store.ensure_tenant(db, "acme", plugins={"testp": {}})
     hostile = "bad \ud800 and \x00 end"
-    failed = _entry(
+    failed = ledger_entry(
         "h-1",
         status="error",
         state="failed",
@@ -62,7 +49,7 @@ async def test_hostile_text_in_a_failed_attempt_is_stored_not_refused(
         progress=storable_json({"note": hostile}),  # as Job.update_progress stores it
     )
     assert "\\ud800" in failed  # json.dumps escapes the lone surrogate, as a hostile writer could
-    assert await _write(settings, db, redis_client, _entry("h-0"), failed) == 2
+    assert await _write(settings, db, redis_client, ledger_entry("h-0"), failed) == 2
     runs = await db.fetch("SELECT status, error FROM plugin_runs ORDER BY status")
     assert [r["status"] for r in runs] == ["error", "success"]
     error = runs[0]["error"]
@@ -72,45 +59,40 @@ async def test_hostile_text_in_a_failed_attempt_is_stored_not_refused(
     assert "\ud800" not in job["message"] and "\x00" not in job["message"]
 
 
-async def test_an_entry_json_cannot_carry_is_refused_alone(
-    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
+# 3,200 random hex characters: too long for PostgreSQL's index on jobs.job_id (not compressible)
+_HUGE_ID = "".join(f"{random.getrandbits(128):032x}" for _ in range(100))
+
+
+@pytest.mark.parametrize(
+    ("bad_id", "error"),
+    [("bad-\ud800", "UnicodeEncodeError"), (_HUGE_ID, "ProgramLimitExceededError")],
+    ids=["lone-surrogate", "too-large-to-index"],
+)
+async def test_an_entry_postgresql_cannot_store_is_refused_alone(
+    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis, bad_id: str, error: str
 ) -> None:
-    """An entry whose job id holds a lone surrogate (no producer writes one; a hand-written
+    """An entry whose job id holds a lone surrogate (JSON cannot carry it) or is too long for
+    PostgreSQL's index (no producer writes either: ids are checked; a hand-written or corrupted
     entry can) is logged and dropped; the rest of its batch is written and the writer goes on
     (it used to retry that batch for ever)."""
     await store.ensure_tenant(db, "acme", plugins={"testp": {}})
     with capture_logs() as logs:
         written = await _write(
-            settings, db, redis_client, _entry("ok-1"), _entry("bad-\ud800"), _entry("ok-2")
+            settings,
+            db,
+            redis_client,
+            ledger_entry("ok-1"),
+            ledger_entry(bad_id),
+            ledger_entry("ok-2"),
         )
     assert written == 3
     rows = await db.fetch("SELECT job_id FROM jobs ORDER BY job_id")
     assert [r["job_id"] for r in rows] == ["ok-1", "ok-2"]
     assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 2
-    events = [e["event"] for e in logs]
-    assert "ledger_batch_rejected" in events
-    assert events.count("ledger_entry_rejected") == 1
-
-
-async def test_an_entry_too_large_to_index_is_refused_alone(
-    settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
-) -> None:
-    """An entry whose job id is too long for PostgreSQL's index (no producer writes one: ids
-    are checked; a hand-written or corrupted entry can hold one) is logged and dropped; the
-    rest of its batch is written (a ProgramLimitExceededError retried the batch for ever)."""
-    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
-    huge = "".join(f"{random.getrandbits(128):032x}" for _ in range(100))  # 3,200 chars
-    with capture_logs() as logs:
-        written = await _write(
-            settings, db, redis_client, _entry("ok-1"), _entry(huge), _entry("ok-2")
-        )
-    assert written == 3
-    rows = await db.fetch("SELECT job_id FROM jobs ORDER BY job_id")
-    assert [r["job_id"] for r in rows] == ["ok-1", "ok-2"]
-    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 2
+    assert "ledger_batch_rejected" in [e["event"] for e in logs]
     rejected = [e for e in logs if e["event"] == "ledger_entry_rejected"]
     assert len(rejected) == 1
-    assert "ProgramLimitExceededError" in rejected[0]["error"]
+    assert rejected[0]["error"].startswith(error)
 
 
 def _record_reads(ledger: RunLedger) -> list[str]:
@@ -135,7 +117,7 @@ async def _reads_for_one_batch(
     ledger = RunLedger(queue, db, consumer="test", batch=100, block_ms=400)
     await ledger.ensure_group()
     for i in range(waiting):
-        await redis.xadd(queue.keys.ledger, {"e": _entry(f"w{waiting}-{i}")})
+        await redis.xadd(queue.keys.ledger, {"e": ledger_entry(f"w{waiting}-{i}")})
     starts = _record_reads(ledger)
     written = await ledger.flush_once(block=True)
     return len(starts), written
@@ -187,7 +169,7 @@ async def test_a_batch_is_one_statement_and_a_caught_up_writer_reads_only_new_en
 
     async def flush(count: int, tag: str) -> int:
         for i in range(count):
-            await redis_client.xadd(queue.keys.ledger, {"e": _entry(f"{tag}-{i}")})
+            await redis_client.xadd(queue.keys.ledger, {"e": ledger_entry(f"{tag}-{i}")})
         starts.clear()
         statements.clear()
         return await ledger.flush_once()
@@ -222,9 +204,11 @@ async def test_two_final_attempts_of_one_job_in_one_batch_are_both_recorded(
     their plugin_runs row, jobs and taskiq_results keep the newer run, and the batch is not
     refused."""
     await store.ensure_tenant(db, "acme", plugins={"testp": {}})
-    failed = _entry("twice", status="error", state="failed", outcome="failed", value="boom", gen=0)
-    completed = _entry("twice", value='{"ok": 1}', gen=1)
-    other = _entry("other")
+    failed = ledger_entry(
+        "twice", status="error", state="failed", outcome="failed", value="boom", gen=0
+    )
+    completed = ledger_entry("twice", value='{"ok": 1}', gen=1)
+    other = ledger_entry("other")
     assert await _write(settings, db, redis_client, failed, completed, other) == 3
     assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 3
     row = await db.fetchrow(
@@ -251,8 +235,10 @@ async def test_an_older_run_written_late_does_not_replace_the_newer_result(
     entry another writer had read and a claim brought back): the failure gets its plugin_runs
     row, while jobs and taskiq_results keep the newer, completed run."""
     await store.ensure_tenant(db, "acme", plugins={"testp": {}})
-    completed = _entry("late", value='{"ok": 1}', gen=1)
-    failed = _entry("late", status="error", state="failed", outcome="failed", value="boom", gen=0)
+    completed = ledger_entry("late", value='{"ok": 1}', gen=1)
+    failed = ledger_entry(
+        "late", status="error", state="failed", outcome="failed", value="boom", gen=0
+    )
     assert await _write(settings, db, redis_client, completed) == 1
     assert await _write(settings, db, redis_client, failed) == 1
     assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 2

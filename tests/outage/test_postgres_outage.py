@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.outage.conftest import (
     pg_counts,
     try_count_runs,
 )
+from tests.support.ledger import ledger_entry
 from tests.support.private_pg import PrivatePostgres
 from tests.support.processes import wait_event
 from tests.support.waiting import wait_until
@@ -224,7 +224,7 @@ async def test_one_abandoned_entry_does_not_stop_the_ledger_writer(
     await store.ensure_tenant(db, TENANT, plugins={"testp": {}})
     queue = RedisQueue(redis_client, settings.key_prefix, settings.queue)
     await redis_client.xgroup_create(queue.keys.ledger, LEDGER_GROUP, id="0", mkstream=True)
-    await redis_client.xadd(queue.keys.ledger, {"e": json.dumps(_entry("job-1"))})
+    await redis_client.xadd(queue.keys.ledger, {"e": ledger_entry("job-1", tenant=TENANT)})
     await redis_client.xreadgroup(LEDGER_GROUP, "dead-worker", {queue.keys.ledger: ">"})
     await asyncio.sleep(0.2)
     ledger = RunLedger(queue, db, consumer="live-worker", block_ms=50, claim_idle_ms=100)
@@ -232,7 +232,7 @@ async def test_one_abandoned_entry_does_not_stop_the_ledger_writer(
     task = asyncio.create_task(ledger.run(stop))
     try:
         await asyncio.sleep(0.5)
-        await redis_client.xadd(queue.keys.ledger, {"e": json.dumps(_entry("job-2"))})
+        await redis_client.xadd(queue.keys.ledger, {"e": ledger_entry("job-2", tenant=TENANT)})
         await asyncio.sleep(1)
         if task.done():
             raise AssertionError(f"the ledger writer stopped: {task.exception()!r}")
@@ -266,7 +266,9 @@ async def test_a_dedicated_writer_that_cannot_write_hands_the_ledger_to_the_work
         await asyncio.sleep(0.1)
         assert worker._standing_by
         for i in range(5):
-            await redis_client.xadd(queue.keys.ledger, {"e": json.dumps(_entry(f"cut-{i}"))})
+            await redis_client.xadd(
+                queue.keys.ledger, {"e": ledger_entry(f"cut-{i}", tenant=TENANT)}
+            )
         # the dedicated writer fails, its announcement expires, the worker writes every row
         # (the ones the dedicated writer had read are claimed once idle: claim_idle_ms)
         worker.claim_idle_ms = 200
@@ -276,7 +278,7 @@ async def test_a_dedicated_writer_that_cannot_write_hands_the_ledger_to_the_work
         assert not worker._standing_by
         # the dedicated writer gets a working pool: after its next batch it announces itself
         dedicated.pool = db
-        await redis_client.xadd(queue.keys.ledger, {"e": json.dumps(_entry("cut-5"))})
+        await redis_client.xadd(queue.keys.ledger, {"e": ledger_entry("cut-5", tenant=TENANT)})
         await wait_until(lambda: worker._standing_by, timeout=20, what="the worker to stand by")
         await wait_until(
             lambda: db.fetchval("SELECT count(*) = 6 FROM plugin_runs"), timeout=20, what="6 rows"
@@ -285,17 +287,6 @@ async def test_a_dedicated_writer_that_cannot_write_hands_the_ledger_to_the_work
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=15)
     assert await db.fetchval("SELECT count(DISTINCT plugin_run_id) FROM plugin_runs") == 6
-
-
-def _entry(job_id: str) -> dict[str, Any]:
-    """A ledger entry as finish.lua writes it for a completed attempt."""
-    now = int(time.time() * 1000)
-    return {
-        "id": job_id, "plugin": "testp", "tenant": TENANT, "job": "work", "ts": str(now),
-        "started": str(now), "at": str(now), "attempt": 1, "status": "success",
-        "state": "completed", "final": 1, "outcome": "completed", "value": "null",
-        "extra": "{}", "gen": 0,
-    }  # fmt: skip
 
 
 async def _all_equal(values: Any, wanted: str) -> bool:
