@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drm_taskiq.runlog import RUN_NAMESPACE, LedgerEntry, _run_result, run_id, run_id_hex
+from drm_taskiq.runlog import (
+    RUN_NAMESPACE,
+    LedgerEntry,
+    _run_result,
+    _taskiq_result,
+    run_id,
+    run_id_hex,
+)
 
 
 @given(
@@ -91,3 +99,29 @@ def test_entry_text_is_made_storable() -> None:
     assert LedgerEntry.parse("1-0", _entry(value="caf\u00e9 \u2603")).value == "caf\u00e9 \u2603"
     assert LedgerEntry.parse("1-0", _entry(value="x\ud800y")).value == "x?y"
     assert LedgerEntry.parse("1-0", _entry(value="plain")).value == "plain"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('{"n": 1, "s": "caf\\u00e9"}', {"n": 1, "s": "caf\u00e9"}),  # orjson's path
+        ('"a\\u0000b"', "a\ufffdb"),  # NUL: jsonb refuses \u0000, replaced
+        ('"x\\ud800y"', "x?y"),  # a lone surrogate: orjson refuses it, the library's path
+        (str(2**70), 2**70),  # beyond 64 bits: the library's path, exact
+        ("NaN", None),  # not JSON: jsonb would refuse the row; written as null
+    ],
+)
+def test_result_json_is_what_jsonb_accepts(value: str, expected: object) -> None:
+    """plugin_runs.result and taskiq's result are encoded by orjson where it can, by the
+    standard library where only it can. The result gives text jsonb accepts (no \\u0000
+    escape, no lone surrogate, no NaN) with the value kept; taskiq's result (bytea) keeps the
+    value exactly."""
+    entry = LedgerEntry.parse("1-0", _entry(value=value))
+    text = _run_result(entry)
+    assert "\\u0000" not in text and "NaN" not in text
+    text.encode("utf-8")  # no lone surrogate left
+    assert json.loads(text)["returnvalue"] == expected
+    taskiq_result = json.loads(_taskiq_result(entry))
+    assert taskiq_result["is_err"] is False
+    if value != "NaN":  # taskiq's result is bytea: the value exactly as returned
+        assert taskiq_result["return_value"] == json.loads(value)
