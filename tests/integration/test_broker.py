@@ -560,7 +560,7 @@ async def test_a_kept_connection_waits_for_a_large_write_within_the_socket_timeo
     server.start()
     broker = DrmBroker(
         load_settings(
-            redis_url=f"{server.url}?socket_timeout=1", entry_points=False, key_prefix="drm-test"
+            redis_url=f"{server.url}?socket_timeout=3", entry_points=False, key_prefix="drm-test"
         ),
         own_process=False,
     )
@@ -586,7 +586,12 @@ async def test_a_kept_connection_waits_for_a_large_write_within_the_socket_timeo
         finally:
             server.proc.send_signal(signal.SIGCONT)
         assert await enqueue("after", b"{}") == (1, "waiting")
-        assert await queue.redis.hget(queue.keys.job("large"), "msg") == large
+        # read back without the socket timeout: 72 MB can take longer on a slow machine
+        reader = aioredis.Redis.from_url(server.url)
+        try:
+            assert await reader.hget(queue.keys.job("large"), "msg") == large
+        finally:
+            await reader.aclose()
     finally:
         await broker.connection_pool.disconnect()
         server.cleanup()
