@@ -10,7 +10,7 @@ import asyncio
 import inspect
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, ConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, NoScriptError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Outcome = Literal["completed", "retry", "failed", "requeue", "dead"]
@@ -308,8 +308,24 @@ class RedisQueue:
         return int(created), _text(state)
 
     async def _run_kept(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Script ``name`` on a connection this queue keeps for it: ``enqueue.lua`` for
-        :meth:`enqueue` and ``finish.lua`` for :meth:`finish_many`.
+        """Script ``name`` on a connection this queue keeps for it (:meth:`_on_kept`)."""
+        script = self._scripts[name]
+        return await self._on_kept(
+            name,
+            # AsyncScript takes any client with evalsha and script_load (it is given pipelines)
+            lambda kept: script(keys=keys, args=args, client=kept),  # type: ignore[arg-type]
+            lambda: script(keys=keys, args=args),
+        )
+
+    async def _on_kept(
+        self,
+        name: str,
+        call: Callable[[_KeptConnection], Awaitable[Any]],
+        fallback: Callable[[], Awaitable[Any]],
+    ) -> Any:
+        """``call`` on a connection this queue keeps for calls named ``name``: ``enqueue.lua``
+        for :meth:`enqueue`, ``finish.lua`` for :meth:`finish_many`, the listener's wait and
+        take for :meth:`wait_and_take`; ``fallback`` (through the pool) when all are busy.
 
         Taking a connection from the broker's BlockingConnectionPool and giving it back for each
         call (a condition, a timeout scope, events) cost a producer about 15% of its CPU per
@@ -319,11 +335,10 @@ class RedisQueue:
         as before. Kept connections stay counted as in use by the pool, whose ``disconnect()``
         closes them, and each is checked before a call as the pool checks the connections it
         hands out. After an error a connection goes back to the pool."""
-        script = self._scripts[name]
         idle = self._kept.setdefault(name, [])
         kept = idle.pop() if idle else None
         if kept is None and self._kept_count.get(name, 0) >= KEPT_PER_SCRIPT:
-            return await script(keys=keys, args=args)
+            return await fallback()
         pool = self.redis.connection_pool
         if kept is None:
             self._kept_count[name] = self._kept_count.get(name, 0) + 1
@@ -332,8 +347,7 @@ class RedisQueue:
                 connection = await pool.get_connection(*_GET_CONNECTION_ARGS)  # type: ignore[no-untyped-call]
                 kept = _KeptConnection(self.redis, connection)
             await pool.ensure_connection(kept.connection)
-            # AsyncScript takes any client with evalsha and script_load (it is given pipelines)
-            reply = await script(keys=keys, args=args, client=kept)  # type: ignore[arg-type]
+            reply = await call(kept)
         except BaseException:
             self._kept_count[name] -= 1
             if kept is not None:
@@ -397,18 +411,27 @@ class RedisQueue:
         so an idle worker starts a new job one round trip sooner than with two calls. The
         take's "now" is the time the call was sent: a delayed job that fell due during the wait
         is promoted by the next take, and the lease is at most ``timeout_s`` shorter."""
-        script = self._scripts["take"]
         keys = self._take_keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.execute_command("BLPOP", self.keys.marker, max(timeout_s, 0.01))
-            pipe.execute_command(
+        commands: list[tuple[Any, ...]] = [
+            ("BLPOP", self.keys.marker, max(timeout_s, 0.01)),
+            (
                 "EVALSHA",
-                script.sha,
+                self._scripts["take"].sha,
                 len(keys),
                 *keys,
                 *self._take_args(token, count, lease_ms, tenant_limit),
-            )
-            _, answer = await pipe.execute(raise_on_error=False)
+            ),
+        ]
+
+        async def through_pool() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute(raise_on_error=False)
+
+        # a kept connection: no pipeline object and no pool round per wait (an idle worker
+        # waits once per job)
+        _, answer = await self._on_kept("wait", lambda kept: kept.pipeline(commands), through_pool)
         if isinstance(answer, NoScriptError):  # the script cache was flushed (server restart)
             return await self.take(token, count, lease_ms, tenant_limit)
         if isinstance(answer, Exception):
@@ -644,6 +667,27 @@ class _KeptConnection:
 
     async def script_load(self, script: Any) -> Any:
         return await self.redis.script_load(script)
+
+    async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Commands sent at once, their replies read in order: what a non-transactional
+        pipeline's ``execute(raise_on_error=False)`` returns (an error reply is returned, not
+        raised), and its retry policy."""
+        connection = self.connection
+
+        async def call() -> list[Any]:
+            await _send(connection, connection.pack_commands(commands))
+            replies: list[Any] = []
+            for command in commands:
+                try:
+                    replies.append(await self.redis.parse_response(connection, command[0]))
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        async def failed(_: BaseException) -> None:
+            await connection.disconnect()
+
+        return await connection.retry.call_with_retry(call, failed)
 
 
 async def _send(connection: Connection, command: list[bytes]) -> None:
