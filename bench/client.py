@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,8 @@ async def _drm_client(spec: dict[str, Any]) -> tuple[Callable[[str], Kiq], Calla
     scheduler = JobScheduler(DrmBroker(settings, own_process=False), plugins=[plugin])
     await scheduler.start()
     await scheduler.load_plugins()
+    if spec["mode"] == "latency" and os.environ.get("BENCH_LAT_BREAKDOWN") == "1":
+        _time_sends(scheduler)
 
     def kiq(job: str) -> Kiq:
         task = scheduler.broker.find_task(f"plugin:bench:{job}")
@@ -104,21 +107,40 @@ async def enqueue(spec: dict[str, Any], kiq: Callable[[str], Kiq]) -> dict[str, 
     return out
 
 
+_sends: list[float] = []  # BENCH_LAT_BREAKDOWN: when each enqueue script call began
+
+
+def _time_sends(scheduler: Any) -> None:
+    """BENCH_LAT_BREAKDOWN (drm-taskiq only): record when each ``enqueue`` call of the queue
+    begins, that is when the producer's own work before the send ends (a diagnostic of the
+    benchmark: wraps one method of this producer's queue)."""
+    queue = scheduler.broker.queue
+    enqueue = queue.enqueue
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        _sends.append(time.time())
+        return await enqueue(*args, **kwargs)
+
+    queue.enqueue = timed
+
+
 async def latency(spec: dict[str, Any], kiq: Callable[[str], Kiq]) -> dict[str, Any]:
     send = kiq("lat")
     rate, duration, key = float(spec["rate"]), float(spec["duration"]), spec["key"]
     count = int(rate * duration)
     calls: list[float] = []
+    sent: list[float] = []
     start = time.perf_counter() + 0.05
     for i in range(count):
         delay = start + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         t = time.perf_counter()
-        await send({"k": key, "t": time.time()})
+        sent.append(time.time())
+        await send({"k": key, "t": sent[-1]})
         calls.append((time.perf_counter() - t) * 1000)
     elapsed = time.perf_counter() - start
-    return {
+    out: dict[str, Any] = {
         "jobs": count,
         "achieved_rate": round(count / elapsed, 1),
         "kiq_ms": {
@@ -127,6 +149,10 @@ async def latency(spec: dict[str, Any], kiq: Callable[[str], Kiq]) -> dict[str, 
             "max": round(max(calls), 3),
         },
     }
+    if len(_sends) == len(sent):  # ms from the job's t to its enqueue call, in job order
+        out["to_send_ms"] = [round((b - a) * 1000, 3) for a, b in zip(sent, _sends, strict=True)]
+        out["sent_at"] = sent
+    return out
 
 
 async def main(spec: dict[str, Any]) -> dict[str, Any]:

@@ -101,7 +101,16 @@ async def run_latency(system: System, rate: float, duration: float) -> dict[str,
         "p99_ms": round(percentile(samples, 99), 3),
         "max_ms": round(max(samples), 3),
         "samples": len(samples),
+        "samples_ms": samples,  # for the phase's pooled p99 (not kept in the JSON)
     }
+    to_send = result.pop("to_send_ms", None)
+    result.pop("sent_at", None)
+    if parts and to_send and len(to_send) >= len(parts):
+        # the producer's part of to_handed_out; jobs run in the order sent (one worker), and
+        # the first jobs have no parts (the worker instruments itself at its first lat job)
+        for part, before_send in zip(parts, to_send[len(to_send) - len(parts) :], strict=True):
+            part["to_send"] = before_send
+            part["send_to_handed_out"] = part["to_handed_out"] - before_send
     if parts:
         result["breakdown_ms"] = {
             name: {
