@@ -64,12 +64,20 @@ async def run_enqueue(
     return result
 
 
-async def run_latency(system: System, rate: float, duration: float) -> dict[str, Any]:
-    say(f"{system.label}: latency at {rate:g} jobs/s for {duration:g} s, 1 worker process")
+async def run_latency(
+    system: System, rate: float, duration: float, worker_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    say(
+        f"{system.label}: latency at {rate:g} jobs/s for {duration:g} s, 1 worker process"
+        + (f", {worker_env}" if worker_env else "")
+    )
     queue = tag = "latency"
     uniq = "w"
     key = f"{system.namespace}:lat"
-    group = system.start_workers(queue, 1, tag)
+    if worker_env:
+        group = system.start_workers(queue, 1, tag, extra=worker_env)  # type: ignore[call-arg]
+    else:
+        group = system.start_workers(queue, 1, tag)
     try:
         await system.wait_ready(group, tag, 1)
         uniq = f"w{time.time_ns() % 10**13:x}-"

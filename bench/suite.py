@@ -39,6 +39,8 @@ from bench.report import render_markdown, render_table, targets
 from bench.systems import DrmSystem, PlainSystem, System
 
 PHASES = ("enqueue", "drain", "latency", "scale", "cron", "ledger", "profile", "whatif")
+# run only when named in --phases (not part of the full suite's 10 minutes)
+OPTIONAL_PHASES = ("latency_rows",)
 
 
 def config(quick: bool) -> dict[str, Any]:
@@ -218,6 +220,12 @@ async def phase_latency(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem)
             runs[system.name].append(
                 await run_latency(system, cfg["latency_rate"], cfg["latency_s"])
             )
+    return _latency_summary(runs)
+
+
+def _latency_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per system: the round with the median p99, every round's p50 and p99, and the p99 of
+    all rounds' jobs together."""
     out: dict[str, Any] = {}
     for name, results in runs.items():
         pooled = [x for r in results for x in r.pop("samples_ms")]
@@ -229,6 +237,50 @@ async def phase_latency(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem)
             "p99_pooled_ms": round(percentile(pooled, 99), 3),
         }
     return out
+
+
+_PLAIN_RUNS = """
+CREATE TABLE IF NOT EXISTS plain_runs (LIKE plugin_runs INCLUDING DEFAULTS INCLUDING INDEXES);
+ALTER TABLE plain_runs DROP CONSTRAINT IF EXISTS plain_runs_tenant;
+ALTER TABLE plain_runs ADD CONSTRAINT plain_runs_tenant
+  FOREIGN KEY (tenant_id) REFERENCES tenants(tenant_id) ON DELETE CASCADE;
+"""
+
+
+async def phase_latency_rows(
+    cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem
+) -> dict[str, Any]:
+    """What a run ledger costs plain taskiq's latency on this machine: plain taskiq whose
+    ``lat`` handler also writes a ``plugin_runs``-shaped row per job (one INSERT each, or
+    buffered and copied every 200 ms), against drm-taskiq as deployed and plain taskiq without
+    rows; ``latency_rounds`` rounds each, interleaved, reported as the latency phase is."""
+    import asyncpg  # noqa: PLC0415
+
+    from bench.common import DATABASE_URL  # noqa: PLC0415
+    from bench.producers import run_latency  # noqa: PLC0415
+
+    conn = await asyncpg.connect(DATABASE_URL, server_settings={"search_path": drm.namespace})
+    await conn.execute(_PLAIN_RUNS)
+    variants: dict[str, tuple[System, dict[str, str] | None]] = {
+        "plain": (plain, None),
+        "plain_insert": (plain, {"BENCH_PLAIN_ROWS": "insert"}),
+        "plain_copy": (plain, {"BENCH_PLAIN_ROWS": "copy"}),
+        "drm": (drm, None),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    try:
+        for _ in range(cfg.get("latency_rounds", 1)):
+            for name, (system, env) in variants.items():
+                before = await conn.fetchval("SELECT count(*) FROM plain_runs")
+                result = await run_latency(system, cfg["latency_rate"], cfg["latency_s"], env)
+                if env:  # the rows were written (copy: but for the last 200 ms' buffer)
+                    result["rows_written"] = (
+                        await conn.fetchval("SELECT count(*) FROM plain_runs") - before
+                    )
+                runs[name].append(result)
+    finally:
+        await conn.close()
+    return _latency_summary(runs)
 
 
 async def phase_scale(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -> dict[str, Any]:
@@ -444,9 +496,10 @@ async def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
-    unknown = set(phases) - set(PHASES)
+    unknown = set(phases) - set(PHASES) - set(OPTIONAL_PHASES)
     if unknown:
-        parser.error(f"unknown phases: {sorted(unknown)}; known: {', '.join(PHASES)}")
+        known = ", ".join(PHASES + OPTIONAL_PHASES)
+        parser.error(f"unknown phases: {sorted(unknown)}; known: {known}")
     cfg = config(args.quick)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(log_dir(), ignore_errors=True)
@@ -492,6 +545,7 @@ async def main(argv: list[str] | None = None) -> int:
             "enqueue": lambda: run_phase("enqueue", phase_enqueue(cfg, plain, drm)),
             "drain": lambda: run_phase("drain", phase_drain(cfg, plain, drm)),
             "latency": lambda: run_phase("latency", phase_latency(cfg, plain, drm)),
+            "latency_rows": lambda: run_phase("latency_rows", phase_latency_rows(cfg, plain, drm)),
             "scale": lambda: run_phase("scale", phase_scale(cfg, plain, drm)),
             "ledger": lambda: run_phase("ledger", phase_ledger(cfg, drm)),
             "profile": lambda: run_phase("profile", phase_profile(cfg, plain, drm)),

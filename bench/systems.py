@@ -414,8 +414,13 @@ class PlainSystem(System):
             await broker.shutdown()
         await self.redis.delete(name)
 
-    def start_workers(self, queue: str, workers: int, tag: str) -> ProcGroup:
-        env = plain_env(self.list_name(queue), BENCH_READY_KEY=self.ready_key(tag))
+    def start_workers(
+        self, queue: str, workers: int, tag: str, *, extra: dict[str, str] | None = None
+    ) -> ProcGroup:
+        """``extra``: more environment (``BENCH_PLAIN_ROWS``: a row per job, see plain_app)."""
+        env = plain_env(self.list_name(queue), BENCH_READY_KEY=self.ready_key(tag), **(extra or {}))
+        if env.get("BENCH_PLAIN_ROWS"):
+            env.update(BENCH_DATABASE_URL=DATABASE_URL, BENCH_PLAIN_SCHEMA=self.namespace)
         return taskiq_worker(
             f"plain-{tag}", "bench.plain_app:broker", workers, env, "--log-level", "WARNING"
         )
