@@ -57,10 +57,12 @@ WITH runs AS (
   WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = r->>2)
   ON CONFLICT (plugin_run_id) DO NOTHING
 ), results AS (
-  INSERT INTO taskiq_results (task_id, result, progress)
-  SELECT j->>0, convert_to(j->>13, 'UTF8'), NULL
+  INSERT INTO taskiq_results (task_id, result, progress, generation)
+  SELECT j->>0, convert_to(j->>13, 'UTF8'), NULL, (j->>12)::int
   FROM jsonb_array_elements($3::jsonb) AS j
-  ON CONFLICT (task_id) DO UPDATE SET result = EXCLUDED.result
+  ON CONFLICT (task_id) DO UPDATE SET result = EXCLUDED.result, generation = EXCLUDED.generation
+  -- an older run written late (a claimed entry) leaves a newer run's result, as jobs does
+  WHERE taskiq_results.generation IS NULL OR taskiq_results.generation <= EXCLUDED.generation
 )
 INSERT INTO jobs (job_id, queue, plugin_id, tenant_id, job_name, state, attempts_made, progress,
                   returnvalue, failed_reason, created_at, finished_at, message, generation)

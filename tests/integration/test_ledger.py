@@ -223,11 +223,6 @@ async def test_two_final_attempts_of_one_job_in_one_batch_are_both_recorded(
     assert json.loads(result)["is_err"] is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="documented limitation (docs/failures.md): an older run written after a newer one"
-    " replaces its taskiq_results row (jobs keeps the higher generation)",
-)
 async def test_an_older_run_written_late_does_not_replace_the_newer_result(
     settings: Settings, db: asyncpg.Pool, redis_client: aioredis.Redis
 ) -> None:
