@@ -184,13 +184,23 @@ class JobScheduler:
         """Call ``on_load`` for each loaded plugin and tenant that enabled it since this process
         loaded its plugins (or last synced): a plugin enabled for a tenant at run time gets its
         cron jobs and per-tenant set-up without a restart. Returns how many were loaded.
-        (A plugin disabled meanwhile is not unloaded: its jobs are refused at run time and its
-        schedules stop firing for that tenant.)"""
+        A plugin a tenant disabled since (or a tenant deleted) is unloaded for that tenant:
+        ``on_unload``, then its schedules there are removed (:meth:`unload_plugin`); enabled
+        again, it is loaded again."""
         plugins = dict(self.loaded_plugins)
         if not plugins:
             return 0
+        enabled = await store.fetch_enabled_pairs(self.pool, list(plugins))
+        for pair in sorted(self._loaded_for - set(enabled)):
+            plugin_id, tenant_id = pair
+            if plugin_id not in plugins:
+                continue
+            self._loaded_for.discard(pair)
+            self._configs.pop((tenant_id, plugin_id), None)
+            await self.unload_plugin(plugin_id, tenant_id)
+            log.info("plugin_disabled_unloaded", plugin_id=plugin_id, tenant_id=tenant_id)
         loaded = 0
-        for pair in await store.fetch_enabled_pairs(self.pool, list(plugins)):
+        for pair in enabled:
             if pair in self._loaded_for:
                 continue
             self._loaded_for.add(pair)

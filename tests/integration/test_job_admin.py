@@ -299,6 +299,57 @@ async def test_a_plugin_enabled_for_a_tenant_at_run_time_is_loaded_for_it(
     assert loads == [tenant, "globex", "umbrella"]
 
 
+async def test_a_plugin_disabled_for_a_tenant_at_run_time_is_unloaded_for_it(
+    settings: Settings, db: asyncpg.Pool, tenant: str
+) -> None:
+    """sync_plugins calls on_unload for a tenant that disabled a plugin (or was deleted) since
+    the process loaded it for that tenant, once, and removes the plugin's schedules there; the
+    other tenants keep theirs. Enabled again, it is loaded again."""
+    calls: list[tuple[str, str]] = []
+
+    async def work(ctx: Any, job: Any) -> None:
+        return None
+
+    async def on_load(ctx: Any) -> None:
+        calls.append(("load", ctx.tenant_id))
+        await ctx.scheduler.register_job("toggled", "nightly", work, {"cron": "0 2 * * *"})
+
+    async def on_unload(ctx: Any) -> None:
+        calls.append(("unload", ctx.tenant_id))
+
+    plugin = define_plugin(
+        id="toggled", name="t", version="1", on_load=on_load, on_unload=on_unload
+    )
+    await store.ensure_tenant(db, tenant, plugins={"toggled": {}})
+    await store.ensure_tenant(db, "globex", plugins={"toggled": {}})
+
+    async def scheduled() -> list[str]:
+        rows = await db.fetch(
+            "SELECT tenant_id FROM schedules WHERE plugin_id = 'toggled' ORDER BY tenant_id"
+        )
+        return [r["tenant_id"] for r in rows]
+
+    async with started_client(settings, [plugin]) as s:
+        assert sorted(calls) == [("load", tenant), ("load", "globex")]
+        calls.clear()
+        await db.execute(
+            "UPDATE tenant_plugins SET enabled = false"
+            " WHERE tenant_id = 'globex' AND plugin_id = 'toggled'"
+        )
+        assert await s.sync_plugins() == 0  # nothing loaded; one unloaded
+        assert calls == [("unload", "globex")]
+        assert await scheduled() == [tenant]
+        assert await s.sync_plugins() == 0
+        assert calls == [("unload", "globex")]  # once
+        await db.execute(
+            "UPDATE tenant_plugins SET enabled = true"
+            " WHERE tenant_id = 'globex' AND plugin_id = 'toggled'"
+        )
+        assert await s.sync_plugins() == 1
+        assert calls == [("unload", "globex"), ("load", "globex")]
+        assert await scheduled() == sorted([tenant, "globex"])
+
+
 async def test_a_job_of_a_plugin_enabled_after_the_worker_started_runs(
     client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str, redis_client: Any
 ) -> None:
