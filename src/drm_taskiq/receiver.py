@@ -27,18 +27,31 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from taskiq.receiver import Receiver as TaskiqReceiver
-from taskiq.receiver.receiver import _PrefetchedMessage, _QueueSignal
+from taskiq.receiver import receiver as _taskiq_receiver
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Callable
 
     from taskiq import AckableMessage
+    from taskiq.receiver.receiver import _PrefetchedMessage, _QueueSignal
+
+    _Queue = asyncio.Queue[_PrefetchedMessage | _QueueSignal]
 
 __all__ = ["Receiver"]
 
 logger = logging.getLogger("taskiq.receiver.receiver")
 
-_Queue = asyncio.Queue[_PrefetchedMessage | _QueueSignal]
+# What of taskiq's receiver (0.13) the pump relies on: when a taskiq release no longer has it,
+# the receiver falls back to taskiq's own prefetcher (slower, same behaviour) instead of failing.
+_INTERNALS = (
+    hasattr(_taskiq_receiver, "_PrefetchedMessage")
+    and hasattr(_taskiq_receiver, "_QueueSignal")
+    and hasattr(_taskiq_receiver._QueueSignal, "DONE")
+    and all(
+        callable(getattr(TaskiqReceiver, name, None))
+        for name in ("prefetcher", "_should_stop_prefetch", "_record_listen_error")
+    )
+)
 
 
 class Receiver(TaskiqReceiver):
@@ -50,6 +63,12 @@ class Receiver(TaskiqReceiver):
         self._ready: Callable[[], AckableMessage | None] | None = getattr(
             self.broker, "ready_message", None
         )
+        if self._ready is not None and not _INTERNALS:
+            logger.warning(
+                "drm_taskiq.receiver: this taskiq version's receiver differs from the one it was"
+                " built for (0.13); using taskiq's own prefetcher"
+            )
+            self._ready = None
         if self._ready is not None:
             self.broker.receiver_kind = "drm"  # type: ignore[attr-defined]
 
@@ -80,7 +99,7 @@ class Receiver(TaskiqReceiver):
                     except BaseException as exc:  # recorded, as taskiq does
                         self._record_listen_error(exc)
                 finally:
-                    queue.put_nowait(_QueueSignal.DONE)
+                    queue.put_nowait(_taskiq_receiver._QueueSignal.DONE)
                     finish_waiter.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await finish_waiter
@@ -118,4 +137,6 @@ class Receiver(TaskiqReceiver):
                 self.sem_prefetch.release()
                 raise
             fetched += 1
-            queue.put_nowait(_PrefetchedMessage(data=message, owns_delivery_slot=True))
+            queue.put_nowait(
+                _taskiq_receiver._PrefetchedMessage(data=message, owns_delivery_slot=True)
+            )

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from taskiq import AsyncBroker, BrokerMessage
 
 from drm_taskiq import JobScheduler
+from drm_taskiq import receiver as receiver_module
 from drm_taskiq.queue_broker import DrmBroker
 from drm_taskiq.receiver import Receiver
 from drm_taskiq.redis_queue import QueueKeys
@@ -250,3 +251,39 @@ async def test_an_acknowledgement_does_not_wait_for_jobs_not_started(
         await broker.shutdown()
     assert sorted(runs.ids) == sorted(ids)
     assert waited == []  # the only started job was the one being acknowledged
+
+
+async def test_a_taskiq_whose_receiver_changed_gets_taskiqs_own_prefetcher(
+    settings: Settings,
+    client: JobScheduler,
+    db: asyncpg.Pool,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the taskiq internals the pump relies on are missing (a taskiq release that changed
+    its receiver), the receiver says so and runs jobs through taskiq's own prefetcher."""
+    monkeypatch.setattr(receiver_module, "_INTERNALS", False)
+    runs = _Runs()
+    await _enqueue(client, tenant, runs, [f"f{i}" for i in range(6)])
+    broker = await _worker(settings, runs, worker_concurrency=4, take_batch=4)
+    receiver = Receiver(broker, max_async_tasks=10, run_startup=False)
+    assert broker.receiver_kind == "taskiq"
+    racing = 0
+    original = receiver._acquire_delivery_slot  # taskiq's own path
+
+    async def counted(*args: Any) -> Any:
+        nonlocal racing
+        racing += 1
+        return await original(*args)
+
+    receiver._acquire_delivery_slot = counted  # type: ignore[method-assign]
+    finish = asyncio.Event()
+    listening = asyncio.create_task(receiver.listen(finish))
+    try:
+        await wait_for(lambda: db.fetchval("SELECT count(*) = 6 FROM jobs"), timeout=30)
+    finally:
+        finish.set()
+        await asyncio.wait_for(listening, timeout=30)
+        await broker.shutdown()
+    assert sorted(runs.ids) == sorted(f"f{i}" for i in range(6))
+    assert racing >= 6  # a slot per job through taskiq's racing path
