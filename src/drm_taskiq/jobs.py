@@ -193,8 +193,6 @@ class JobScheduler:
         enabled = await store.fetch_enabled_pairs(self.pool, list(plugins))
         for pair in sorted(self._loaded_for - set(enabled)):
             plugin_id, tenant_id = pair
-            if plugin_id not in plugins:
-                continue
             self._loaded_for.discard(pair)
             self._configs.pop((tenant_id, plugin_id), None)
             await self.unload_plugin(plugin_id, tenant_id)

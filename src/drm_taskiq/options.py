@@ -276,17 +276,41 @@ class JobMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        """JSON with the specification's camelCase keys."""
-        body: dict[str, Any] = {
-            "jobId": self.job_id,
-            "jobName": self.job_name,
-            "attemptsMade": self.attempts_made,
-            "timestamp": self.timestamp.isoformat(),
-        }
-        if self.data is not None:
-            body["data"] = self.data
-        body.update(self.extra)
-        return storable_json(body)
+        """JSON with the specification's camelCase keys (:func:`metadata_body`)."""
+        return storable_json(
+            metadata_body(
+                self.job_id,
+                self.job_name,
+                self.attempts_made,
+                self.timestamp,
+                data=self.data,
+                extra=self.extra,
+            )
+        )
+
+
+def metadata_body(
+    job_id: str,
+    job_name: str,
+    attempts_made: int,
+    timestamp: datetime,
+    *,
+    data: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:class:`JobMetadata` as a dict: the specification's camelCase keys, then ``extra`` (the
+    run ledger builds it per row without the object)."""
+    body: dict[str, Any] = {
+        "jobId": job_id,
+        "jobName": job_name,
+        "attemptsMade": attempts_made,
+        "timestamp": timestamp.isoformat(),
+    }
+    if data is not None:
+        body["data"] = data
+    if extra:
+        body.update(extra)
+    return body
 
 
 def ms_to_datetime(value: str | int | float | None) -> datetime | None:

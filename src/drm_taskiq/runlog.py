@@ -29,7 +29,7 @@ import structlog
 from redis.exceptions import ResponseError
 from taskiq import TaskiqResult
 
-from drm_taskiq.options import JobMetadata, ms_to_datetime, storable_json
+from drm_taskiq.options import JobMetadata, metadata_body, ms_to_datetime, storable_json
 from drm_taskiq.redis_queue import LEDGER_GROUP, RedisQueue, pool_options
 from drm_taskiq.settings import Settings, mask_url
 
@@ -306,15 +306,8 @@ def _run_result(e: LedgerEntry) -> str:
         extra["returnvalue"] = _json_or_text(e.value)
     if e.extra:
         extra.update(e.extra)
-    # JobMetadata.to_json's body (camelCase keys, then extra), without the object
-    body: dict[str, Any] = {
-        "jobId": e.job_id,
-        "jobName": e.job_name,
-        "attemptsMade": e.attempt,
-        "timestamp": e.created.isoformat(),
-    }
-    body.update(extra)
-    return _jsonb_text(body)
+    # its values came from JSON: orjson encodes them as storable_json would
+    return _jsonb_text(metadata_body(e.job_id, e.job_name, e.attempt, e.created, extra=extra))
 
 
 def _taskiq_result(entry: LedgerEntry) -> str:
