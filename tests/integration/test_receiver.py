@@ -51,6 +51,34 @@ async def _enqueue(client: JobScheduler, tenant: str, runs: _Runs, ids: list[str
         await client.add_job("testp", "w", i, {"job_id": job_id}, tenant_id=tenant)
 
 
+def _count_racing(receiver: Receiver) -> list[int]:
+    """Count the calls of taskiq's racing path (its first step, a delivery slot raced against
+    the shutdown event) in the one-element list returned."""
+    calls = [0]
+    original = receiver._acquire_delivery_slot
+
+    async def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return await original(*args)
+
+    receiver._acquire_delivery_slot = counted  # type: ignore[method-assign]
+    return calls
+
+
+async def _listen_until_recorded(
+    receiver: Receiver, broker: DrmBroker, db: asyncpg.Pool, jobs: int
+) -> None:
+    """Run the receiver until ``jobs`` jobs are recorded, then stop it and the broker."""
+    finish = asyncio.Event()
+    listening = asyncio.create_task(receiver.listen(finish))
+    try:
+        await wait_for(lambda: db.fetchval("SELECT count(*) = $1 FROM jobs", jobs), timeout=30)
+    finally:
+        finish.set()
+        await asyncio.wait_for(listening, timeout=30)
+        await broker.shutdown()
+
+
 async def test_jobs_reach_the_runner_through_one_pump_not_the_racing_path(
     settings: Settings, client: JobScheduler, db: asyncpg.Pool, tenant: str
 ) -> None:
@@ -62,15 +90,7 @@ async def test_jobs_reach_the_runner_through_one_pump_not_the_racing_path(
     broker = await _worker(settings, runs, worker_concurrency=20, take_batch=20)
     receiver = Receiver(broker, max_async_tasks=100, run_startup=False)
     assert broker.receiver_kind == "drm"
-    racing = 0
-    original = receiver._acquire_delivery_slot  # the first step of taskiq's racing path
-
-    async def counted(*args: Any) -> Any:
-        nonlocal racing
-        racing += 1
-        return await original(*args)
-
-    receiver._acquire_delivery_slot = counted  # type: ignore[method-assign]
+    racing = _count_racing(receiver)
     listener_steps = 0
     listen = broker.listen
 
@@ -81,16 +101,9 @@ async def test_jobs_reach_the_runner_through_one_pump_not_the_racing_path(
             yield message
 
     broker.listen = counted_listen  # type: ignore[method-assign]
-    finish = asyncio.Event()
-    listening = asyncio.create_task(receiver.listen(finish))
-    try:
-        await wait_for(lambda: db.fetchval("SELECT count(*) = 40 FROM jobs"), timeout=30)
-    finally:
-        finish.set()
-        await asyncio.wait_for(listening, timeout=30)
-        await broker.shutdown()
+    await _listen_until_recorded(receiver, broker, db, 40)
     assert sorted(runs.ids) == sorted(f"r{i}" for i in range(40))
-    assert racing == 0
+    assert racing == [0]
     assert 1 <= listener_steps <= 10  # the first job of each take; the rest from memory
 
 
@@ -268,22 +281,7 @@ async def test_a_taskiq_whose_receiver_changed_gets_taskiqs_own_prefetcher(
     broker = await _worker(settings, runs, worker_concurrency=4, take_batch=4)
     receiver = Receiver(broker, max_async_tasks=10, run_startup=False)
     assert broker.receiver_kind == "taskiq"
-    racing = 0
-    original = receiver._acquire_delivery_slot  # taskiq's own path
-
-    async def counted(*args: Any) -> Any:
-        nonlocal racing
-        racing += 1
-        return await original(*args)
-
-    receiver._acquire_delivery_slot = counted  # type: ignore[method-assign]
-    finish = asyncio.Event()
-    listening = asyncio.create_task(receiver.listen(finish))
-    try:
-        await wait_for(lambda: db.fetchval("SELECT count(*) = 6 FROM jobs"), timeout=30)
-    finally:
-        finish.set()
-        await asyncio.wait_for(listening, timeout=30)
-        await broker.shutdown()
+    racing = _count_racing(receiver)
+    await _listen_until_recorded(receiver, broker, db, 6)
     assert sorted(runs.ids) == sorted(f"f{i}" for i in range(6))
-    assert racing >= 6  # a slot per job through taskiq's racing path
+    assert racing[0] >= 6  # a slot per job through taskiq's racing path
