@@ -74,10 +74,7 @@ async def run_latency(
     queue = tag = "latency"
     uniq = "w"
     key = f"{system.namespace}:lat"
-    if worker_env:
-        group = system.start_workers(queue, 1, tag, extra=worker_env)  # type: ignore[call-arg]
-    else:
-        group = system.start_workers(queue, 1, tag)
+    group = system.start_workers(queue, 1, tag, extra=worker_env)
     try:
         await system.wait_ready(group, tag, 1)
         uniq = f"w{time.time_ns() % 10**13:x}-"

@@ -92,7 +92,10 @@ class System:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    def start_workers(self, queue: str, workers: int, tag: str) -> ProcGroup:
+    def start_workers(
+        self, queue: str, workers: int, tag: str, *, extra: dict[str, str] | None = None
+    ) -> ProcGroup:
+        """``workers`` worker processes on ``queue``; ``extra``: more environment for them."""
         raise NotImplementedError
 
     async def fill(self, queue: str, count: int, *, id_prefix: str, backlog: bool = False) -> None:
