@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from drm_taskiq import store
+from drm_taskiq import redis_queue, store
 from drm_taskiq.options import storable_json
 from drm_taskiq.redis_queue import RedisQueue
 from drm_taskiq.runlog import RunLedger
@@ -241,3 +241,43 @@ async def test_an_older_run_written_late_does_not_replace_the_newer_result(
     assert (row["state"], row["generation"]) == ("completed", 1)
     result = await db.fetchval("SELECT result FROM taskiq_results WHERE task_id = 'late'")
     assert json.loads(result)["is_err"] is False
+
+
+async def test_a_batch_is_settled_in_parts_and_finished_jobs_leave_redis(
+    settings: Settings,
+    db: asyncpg.Pool,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis answers no other client while a script runs: with parts of 16 entries, a written
+    batch of 40 is settled by three script calls (16, 16, 8 entries), not one. Every entry is
+    acknowledged and removed from the stream; the hash of a job whose entry was its final one
+    leaves Redis, while one that finished again since (a retried job's newer run) stays."""
+    monkeypatch.setattr(redis_queue, "SETTLE_PART", 16)
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    queue = RedisQueue(redis_client, settings.key_prefix, settings.queue)
+    ledger = RunLedger(queue, db, consumer="test", batch=100)
+    await ledger.ensure_group()
+    at_ms = 1_790_000_000_000
+    for i in range(40):
+        await redis_client.hset(
+            queue.keys.job(f"p-{i}"), mapping={"state": "completed", "finished": str(at_ms)}
+        )
+        await redis_client.xadd(queue.keys.ledger, {"e": ledger_entry(f"p-{i}", at_ms=at_ms)})
+    # p-7 finished again after the entry was written: its newer run is not the ledger's yet
+    await redis_client.hset(queue.keys.job("p-7"), "finished", str(at_ms + 5))
+    parts: list[int] = []
+    settle = queue._scripts["settle"]
+
+    async def counting(*, keys: list[str], args: list[Any]) -> Any:
+        parts.append(len(json.loads(args[3])) // 3)
+        return await settle(keys=keys, args=args)
+
+    queue._scripts["settle"] = counting  # type: ignore[assignment]
+    assert await ledger.flush_once() == 40
+    assert parts == [16, 16, 8]
+    assert await redis_client.xlen(queue.keys.ledger) == 0
+    assert (await redis_client.xpending(queue.keys.ledger, "ledger"))["pending"] == 0
+    left = [i for i in range(40) if await redis_client.exists(queue.keys.job(f"p-{i}"))]
+    assert left == [7]
+    assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 40
