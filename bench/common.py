@@ -66,8 +66,10 @@ def base_env(**extra: Any) -> dict[str, str]:
         if not key.startswith(("DRM_", "BENCH_")) and key not in _OWN_NAMES
     }
     env.update(PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
-    # the servers this run uses (the clients read them from there too)
+    # the servers this run uses (the clients read them from there too), and the breakdown switch
     env.update(BENCH_REDIS_URL=REDIS_URL, BENCH_DATABASE_URL=DATABASE_URL)
+    if os.environ.get("BENCH_LAT_BREAKDOWN"):
+        env["BENCH_LAT_BREAKDOWN"] = os.environ["BENCH_LAT_BREAKDOWN"]
     env.update({key: str(value) for key, value in extra.items()})
     return env
 

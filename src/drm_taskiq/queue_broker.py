@@ -93,7 +93,7 @@ class DrmBroker(ListQueueBroker):
         self.gate = TenantGate(self._tenant_lookup) if validate_tenants else None
         self.lifecycle = LifecycleMiddleware()
         self.add_middlewares(ValidationMiddleware(settings, self.gate), self.lifecycle)
-        self.with_result_backend(JobResultBackend(settings))
+        self.with_result_backend(JobResultBackend(settings, self.queue))
         self.ledger: RunLedger | None = None
         self._held: dict[str, Delivery] = {}
         # jobs leased by ``listen`` and not yet handed to the receiver

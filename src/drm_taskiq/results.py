@@ -2,7 +2,10 @@
 
 Results are not written one by one here: the run ledger writes them in batches, in the same
 transaction as the ``plugin_runs`` rows (see :mod:`drm_taskiq.runlog`). Reading
-(``is_result_ready``, ``get_result``, ``task.wait_result()``) is taskiq-postgres's own.
+(``is_result_ready``, ``get_result``, ``task.wait_result()``) looks at the job's hash in Redis
+first: a job that finished has its result there until the ledger has written it (and the hash
+left Redis), so a result is ready as soon as the job settled, not only once the ledger wrote
+it. Without a hash, taskiq-postgres reads the ``taskiq_results`` row.
 """
 
 from __future__ import annotations
@@ -14,13 +17,20 @@ from taskiq import TaskiqResult
 from taskiq.serializers import JSONSerializer
 from taskiq_pg.asyncpg import AsyncpgResultBackend
 
+from drm_taskiq.redis_queue import RedisQueue
+from drm_taskiq.runlog import taskiq_result_json
 from drm_taskiq.settings import Settings
+
+# The job hash's fields a result is built from (finish.lua writes them when a job settles).
+_FIELDS = ("state", "rv", "reason", "processed", "finished")
 
 
 class JobResultBackend(AsyncpgResultBackend):
-    """Reads taskiq results from the ``taskiq_results`` table the migrations create."""
+    """Reads taskiq results from a finished job's hash in Redis (``queue``), else from the
+    ``taskiq_results`` table the migrations create."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, queue: RedisQueue | None = None) -> None:
+        self.queue = queue
         super().__init__(
             dsn=settings.database_url,
             keep_results=True,
@@ -37,3 +47,35 @@ class JobResultBackend(AsyncpgResultBackend):
 
     async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
         """Nothing to do: the run ledger stores the result with the attempt's row."""
+
+    async def _from_redis(self, task_id: str) -> tuple[bool, str | None]:
+        """(whether the job's hash exists, its result's JSON when it finished)."""
+        if self.queue is None:
+            return False, None
+        raw = await self.queue.redis.hmget(self.queue.keys.job(task_id), *_FIELDS)
+        state, rv, reason, processed, finished = (
+            None if v is None else v.decode() if isinstance(v, bytes) else str(v) for v in raw
+        )
+        if state not in ("completed", "failed"):
+            # waiting, active, delayed (a retry), or no hash (None): not finished in Redis
+            return state is not None, None
+        took = (int(finished) - int(processed)) / 1000 if finished and processed else 0.0
+        completed = state == "completed"
+        return True, taskiq_result_json(completed, (rv if completed else reason) or "", took)
+
+    async def is_result_ready(self, task_id: str) -> bool:
+        """Ready when the job's hash says it finished; while the hash says it has not (a job
+        waiting, running or retrying, a failed job retried by hand), not ready, whatever an
+        earlier run with this id left in PostgreSQL; without a hash, when its row exists."""
+        exists, result = await self._from_redis(task_id)
+        if exists:
+            return result is not None
+        return await super().is_result_ready(task_id)
+
+    async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[Any]:
+        """The finished job's result from its hash, else taskiq-postgres's row (the same JSON:
+        the run ledger writes it with :func:`~drm_taskiq.runlog.taskiq_result_json`)."""
+        _, result = await self._from_redis(task_id)
+        if result is None:
+            return await super().get_result(task_id, with_logs)
+        return TaskiqResult[Any].model_validate(self.serializer.loadb(result.encode()))

@@ -315,11 +315,18 @@ def _taskiq_result(entry: LedgerEntry) -> str:
     execution_time = (
         (entry.at - entry.started).total_seconds() if entry.started is not None else 0.0
     )
-    if entry.state == "completed":  # the common case, without a pydantic model (same JSON)
+    return taskiq_result_json(entry.state == "completed", entry.value, execution_time)
+
+
+def taskiq_result_json(completed: bool, value: str, execution_time: float) -> str:
+    """A final attempt's taskiq result as JSON text: ``value`` is the return value's JSON
+    (completed) or the failure's reason. The run ledger stores this text in
+    ``taskiq_results``; the result backend builds the same from a finished job's hash."""
+    if completed:  # the common case, without a pydantic model (same JSON)
         body: dict[str, Any] = {
             "is_err": False,
             "log": None,
-            "return_value": None if entry.value in ("", "null") else _json_or_text(entry.value),
+            "return_value": None if value in ("", "null") else _json_or_text(value),
             "execution_time": round(execution_time, 3),
             "labels": {},
             "error": None,
@@ -332,7 +339,7 @@ def _taskiq_result(entry: LedgerEntry) -> str:
         is_err=True,
         return_value=None,
         execution_time=round(execution_time, 3),
-        error=RuntimeError(entry.value),
+        error=RuntimeError(value),
         log=None,
     )
     return json.dumps(result.model_dump(mode="json"))

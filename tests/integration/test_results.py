@@ -1,0 +1,114 @@
+"""taskiq results (`wait_result`, `get_result`): ready when a job settles, from its hash in
+Redis, before the run ledger has written them, and the same from PostgreSQL afterwards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from drm_taskiq import JobScheduler, UnrecoverableError
+from drm_taskiq.runlog import RunLedger
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.asyncio
+
+
+async def echo(ctx: Any, job: Any) -> Any:
+    return {"echo": job.data, "tenant": ctx.tenant_id}
+
+
+async def fatal(ctx: Any, job: Any) -> None:
+    raise UnrecoverableError("bad input")
+
+
+async def setup(s: JobScheduler) -> None:
+    await s.register_job("testp", "echo", echo)
+    await s.register_job("testp", "fatal", fatal)
+
+
+async def _written(client: JobScheduler, db: asyncpg.Pool, job_id: str) -> None:
+    """Once the job has finished, let the run ledger write what is pending (no writer runs in
+    these tests), and wait until the job's hash has left Redis."""
+    redis = client.broker.queue.redis
+    key = client.broker.queue.keys.job(job_id)
+    await wait_for(lambda: _finished(redis, key))
+    ledger = RunLedger(client.broker.queue, db, consumer="test")
+    await ledger.ensure_group()
+    await ledger.drain()
+    await wait_for(lambda: _gone(redis, key))
+
+
+async def _finished(redis: aioredis.Redis, key: str) -> bool:
+    return await redis.hget(key, "state") in (b"completed", b"failed")
+
+
+async def _gone(redis: aioredis.Redis, key: str) -> bool:
+    return not await redis.exists(key)
+
+
+async def test_a_result_is_ready_when_the_job_settles_not_when_the_ledger_writes_it(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """With no run-ledger writer anywhere (rows wait in Redis), `wait_result` still returns
+    the job's result: it comes from the job's hash. Once the ledger has written the row and the
+    hash has left Redis, `get_result` returns the same result from PostgreSQL."""
+    await setup(client)
+    await start_worker(setup, ledger_in_worker=False)
+    task = client.broker.find_task("plugin:testp:echo")
+    assert task is not None
+    sent = await task.kiq({"n": 1}, tenant_id=tenant)
+    result = await sent.wait_result(check_interval=0.05, timeout=20)
+    assert not result.is_err
+    assert result.return_value == {"echo": {"n": 1}, "tenant": tenant}
+    assert await db.fetchval("SELECT count(*) FROM taskiq_results") == 0  # not written yet
+
+    await _written(client, db, sent.task_id)
+    assert await db.fetchval("SELECT count(*) FROM taskiq_results") == 1
+    backend = client.broker.result_backend
+    assert await backend.is_result_ready(sent.task_id)
+    from_postgres = await backend.get_result(sent.task_id)
+    assert from_postgres.model_dump() == result.model_dump()
+
+
+async def test_a_failed_job_has_an_error_result_at_once(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """A job that failed for good gives an error result with its reason, from Redis before the
+    ledger writes it and the same from PostgreSQL after."""
+    await setup(client)
+    await start_worker(setup, ledger_in_worker=False)
+    task = client.broker.find_task("plugin:testp:fatal")
+    assert task is not None
+    sent = await task.kiq(None, tenant_id=tenant)
+    result = await sent.wait_result(check_interval=0.05, timeout=20)
+    assert result.is_err and result.return_value is None
+    assert "bad input" in str(result.error)
+
+    await _written(client, db, sent.task_id)
+    from_postgres = await client.broker.result_backend.get_result(sent.task_id)
+    assert from_postgres.model_dump() == result.model_dump()
+
+
+async def test_a_job_that_has_not_finished_in_redis_is_not_ready_whatever_postgresql_holds(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """While a job's hash says it has not finished (it waits, runs, or was retried by hand
+    after it failed), its result is not ready, even where PostgreSQL holds the result of an
+    earlier run with that id; an unknown id is not ready either."""
+    await setup(client)
+    await start_worker(setup, ledger_in_worker=False)
+    job_id = await client.add_job("testp", "echo", 2, tenant_id=tenant)
+    await _written(client, db, job_id)
+    backend = client.broker.result_backend
+    assert await backend.is_result_ready(job_id)  # from PostgreSQL
+
+    key = client.broker.queue.keys.job(job_id)
+    for state in ("waiting", "active", "delayed"):
+        await client.broker.queue.redis.hset(key, "state", state)
+        assert not await backend.is_result_ready(job_id)
+    await client.broker.queue.redis.delete(key)
+    assert await backend.is_result_ready(job_id)
+    assert not await backend.is_result_ready("no-such-job")
