@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     retention_s: int = Field(default=0, ge=0)
     dedup_ttl_s: int = Field(default=86_400, ge=1)
     ledger_batch: int = Field(default=500, ge=1, le=10_000)
-    ledger_flush_ms: int = Field(default=200, ge=1)
+    ledger_flush_ms: int = Field(default=1000, ge=1)
     schedule_poll_s: float = Field(default=1.0, gt=0)
     plugin_sync_s: float = Field(default=10.0, ge=0)
     migrate_on_start: bool = True
