@@ -208,19 +208,35 @@ async def phase_drain(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -
     return out
 
 
+async def wait_for_quiet(limit_s: float = 30.0, busy_pct: float = 5.0) -> dict[str, float]:
+    """Wait up to ``limit_s`` for the machine to be under ``busy_pct`` busy over 2 s: work the
+    previous phase left behind (PostgreSQL's autovacuum and checkpoint after the drains wrote
+    tens of thousands of rows) would otherwise land in the first latency rounds. Returns how
+    long it waited and the last reading."""
+    started = time.time()
+    busy = await asyncio.to_thread(background_busy_pct, 2.0)
+    while busy > busy_pct and time.time() - started < limit_s:
+        busy = await asyncio.to_thread(background_busy_pct, 2.0)
+    waited = round(time.time() - started, 1)
+    say(f"the machine is {busy}% busy after {waited} s (waited for under {busy_pct:g}%)")
+    return {"waited_s": waited, "busy_pct": busy}
+
+
 async def phase_latency(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -> dict[str, Any]:
-    """``latency_rounds`` rounds per system, interleaved; each system's round with the median
-    p99 is reported (a single 10 s round's p99 moves with other work on the machine), with the
-    p50/p99 of every round and the p99 of all rounds' jobs together."""
+    """``latency_rounds`` rounds per system, interleaved, once the machine is quiet; each
+    system's round with the median p99 is reported (a single 10 s round's p99 moves with other
+    work on the machine), with the p50/p99 of every round and the p99 of all rounds' jobs
+    together."""
     from bench.producers import run_latency  # noqa: PLC0415
 
+    quiet = await wait_for_quiet()
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "drm": []}
     for _ in range(cfg.get("latency_rounds", 1)):
         for system in (plain, drm):
             runs[system.name].append(
                 await run_latency(system, cfg["latency_rate"], cfg["latency_s"])
             )
-    return _latency_summary(runs)
+    return {**_latency_summary(runs), "quiet_before": quiet}
 
 
 def _latency_summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -261,6 +277,7 @@ async def phase_latency_rows(
 
     conn = await asyncpg.connect(DATABASE_URL, server_settings={"search_path": drm.namespace})
     await conn.execute(_PLAIN_RUNS)
+    quiet = await wait_for_quiet()
     variants: dict[str, tuple[System, dict[str, str] | None]] = {
         "plain": (plain, None),
         "plain_insert": (plain, {"BENCH_PLAIN_ROWS": "insert"}),
@@ -280,7 +297,7 @@ async def phase_latency_rows(
                 runs[name].append(result)
     finally:
         await conn.close()
-    return _latency_summary(runs)
+    return {**_latency_summary(runs), "quiet_before": quiet}
 
 
 async def phase_scale(cfg: dict[str, Any], plain: PlainSystem, drm: DrmSystem) -> dict[str, Any]:
