@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import TaskiqResult
 from taskiq.serializers import JSONSerializer
 from taskiq_pg.asyncpg import AsyncpgResultBackend
@@ -49,10 +51,14 @@ class JobResultBackend(AsyncpgResultBackend):
         """Nothing to do: the run ledger stores the result with the attempt's row."""
 
     async def _from_redis(self, task_id: str) -> tuple[bool, str | None]:
-        """(whether the job's hash exists, its result's JSON when it finished)."""
+        """(whether the job's hash exists, its result's JSON when it finished). While Redis
+        cannot be reached, (False, None): results already recorded are read from PostgreSQL."""
         if self.queue is None:
             return False, None
-        raw = await self.queue.redis.hmget(self.queue.keys.job(task_id), *_FIELDS)
+        try:
+            raw = await self.queue.redis.hmget(self.queue.keys.job(task_id), *_FIELDS)
+        except (RedisConnectionError, RedisTimeoutError):
+            return False, None
         state, rv, reason, processed, finished = (
             None if v is None else v.decode() if isinstance(v, bytes) else str(v) for v in raw
         )

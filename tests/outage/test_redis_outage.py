@@ -142,3 +142,41 @@ async def test_worker_process_exits_after_redis_outage_limit(
     output = proc.output()
     assert proc.returncode != 0, output[-3000:]
     assert "Scheduling reload" not in output  # the supervisor stopped; no endless restarts
+
+
+async def test_recorded_results_are_read_from_postgresql_while_redis_is_down(
+    private_redis: PrivateRedis,
+    redis_client_scheduler: JobScheduler,
+    redis_start_worker: Any,
+    db: asyncpg.Pool,
+) -> None:
+    """The result backend looks at a job's hash in Redis first; with Redis down it answers
+    from PostgreSQL for results the run ledger has recorded, instead of failing."""
+
+    async def setup(scheduler: JobScheduler) -> None:
+        await scheduler.register_job("testp", "double", _double)
+
+    client = redis_client_scheduler
+    await setup(client)
+    await redis_start_worker(setup)
+    task = client.broker.find_task("plugin:testp:double")
+    assert task is not None
+    sent = await task.kiq(21, tenant_id=TENANT)
+    assert (await sent.wait_result(check_interval=0.05, timeout=20)).return_value == 42
+    key = client.broker.queue.keys.job(sent.task_id)
+    await wait_until(
+        lambda: _gone(client, key), timeout=20, what="the job's hash left Redis (recorded)"
+    )
+    private_redis.stop()
+    backend = client.broker.result_backend
+    assert await backend.is_result_ready(sent.task_id)
+    result = await backend.get_result(sent.task_id)
+    assert not result.is_err and result.return_value == 42
+
+
+async def _double(ctx: Any, job: Any) -> int:
+    return int(job.data) * 2
+
+
+async def _gone(client: JobScheduler, key: str) -> bool:
+    return not await client.broker.queue.redis.exists(key)
