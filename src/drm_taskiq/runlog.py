@@ -35,6 +35,9 @@ from drm_taskiq.settings import Settings, mask_url
 
 log = structlog.get_logger()
 
+# The run ledger's first look for more entries of a trickle (RunLedger._linger).
+LINGER_FIRST_S = 0.02
+
 # Entries of one batch share their millisecond timestamps (several jobs finish per ms).
 _datetime = functools.lru_cache(maxsize=4096)(ms_to_datetime)
 
@@ -516,23 +519,28 @@ class RunLedger:
     async def _linger(self, have: int) -> list[tuple[str, str]]:
         """While entries keep arriving, collect more of them (up to a quarter of a batch, for
         at most ``block_ms``) so that a trickle is written in transactions of many rows: one
-        per job costs the writer and PostgreSQL several times more per row. Looks every
-        quarter of ``block_ms`` and stops when a look brings nothing new, so a lone entry
-        waits at most that long; at a steady low rate this is a few reads per batch, not one
-        per entry. A busy stream is not waited for: what came in while the last batch was
-        being written (a quarter of a batch or more) is written at once, so the rows follow
-        the jobs closely under load instead of in ``block_ms`` steps."""
+        per job costs the writer and PostgreSQL several times more per row. Looks again after
+        ``LINGER_FIRST_S``, then twice as long after each look that brought entries (at most a
+        quarter of ``block_ms``), and stops when a look brings nothing new: a lone entry, or
+        the last entries of a burst, wait ``LINGER_FIRST_S`` (a fixed quarter of ``block_ms``
+        held the end of every drain back by that much); at a steady low rate this is a few
+        reads per batch, not one per entry. A busy stream is not waited for: what came in
+        while the last batch was being written (a quarter of a batch or more) is written at
+        once, so the rows follow the jobs closely under load instead of in ``block_ms``
+        steps."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.block_ms / 1000
-        step = max(self.block_ms / 4000, 0.002)
+        longest = max(self.block_ms / 4000, 0.002)
+        step = min(LINGER_FIRST_S, longest)
         enough = max(1, self.batch // 4)
         more: list[tuple[str, str]] = []
         while have + len(more) < enough and loop.time() < deadline:
-            await asyncio.sleep(step)
+            await asyncio.sleep(min(step, max(deadline - loop.time(), 0.0)))
             got = await self._read(">", None, count=self.batch - have - len(more))
             if not got:
                 break
             more += got
+            step = min(step * 2, longest)
         return more
 
     async def flush_once(self, *, block: bool = False) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from typing import Any
@@ -281,3 +282,50 @@ async def test_a_batch_is_settled_in_parts_and_finished_jobs_leave_redis(
     left = [i for i in range(40) if await redis_client.exists(queue.keys.job(f"p-{i}"))]
     assert left == [7]
     assert await db.fetchval("SELECT count(*) FROM plugin_runs") == 40
+
+
+@pytest.mark.parametrize(
+    ("block_ms", "arriving", "steps"),
+    [
+        (4000, 0, [0.02]),  # the last entries of a burst: one short look, then written
+        (4000, 5, [0.02, 0.04, 0.08, 0.16, 0.32]),  # a trickle: looks less and less often
+        (400, 5, [0.02, 0.04, 0.08, 0.1, 0.1]),  # ... at most every quarter of block_ms
+    ],
+    ids=["burst-end", "trickle", "trickle-capped"],
+)
+async def test_a_trickle_is_collected_with_looks_further_and_further_apart(
+    settings: Settings,
+    db: asyncpg.Pool,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    block_ms: int,
+    arriving: int,
+    steps: list[float],
+) -> None:
+    """Batch 100 (a quarter: 25), 3 entries waiting. The writer looks for more after 20 ms,
+    then twice as long after each look that brought entries, at most every quarter of
+    ``DRM_LEDGER_FLUSH_MS``, until a quarter batch is there or a look brings nothing. (Here
+    each wait brings ``arriving`` new entries and takes no time.) A fixed quarter of the
+    interval before the first look held the end of every burst back by that much."""
+    await store.ensure_tenant(db, "acme", plugins={"testp": {}})
+    queue = RedisQueue(redis_client, settings.key_prefix, settings.queue)
+    ledger = RunLedger(queue, db, consumer="test", batch=100, block_ms=block_ms)
+    await ledger.ensure_group()
+    for i in range(3):
+        await redis_client.xadd(queue.keys.ledger, {"e": ledger_entry(f"t-{i}")})
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def arrive_while_waiting(seconds: float, *args: Any) -> Any:
+        if seconds > 0.001:  # the linger's waits (the writer's own yields are sleep(0))
+            waits.append(round(seconds, 3))
+            for _ in range(arriving):
+                n = await redis_client.xlen(queue.keys.ledger)
+                await redis_client.xadd(queue.keys.ledger, {"e": ledger_entry(f"a-{n}-{seconds}")})
+        return await real_sleep(0, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", arrive_while_waiting)
+    written = await ledger.flush_once(block=True)
+    monkeypatch.undo()
+    assert waits == steps
+    assert written == 3 + arriving * len(steps)
