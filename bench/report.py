@@ -322,11 +322,20 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
+def _scope(results: dict[str, Any]) -> str:
+    """ "full suite", "quick suite", or the phases a ``--phases`` run ran."""
+    from bench.suite import PHASES  # noqa: PLC0415  (suite imports this module)
+
+    phases = results.get("phases_run")
+    if phases is not None and list(phases) != list(PHASES):
+        return "phases " + ",".join(phases) + (", quick" if results.get("quick") else "")
+    return f"{'quick' if results.get('quick') else 'full'} suite"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     m = results.get("machine") or {}
     parts = [
-        f"Run {results.get('started_at')} ({'quick' if results.get('quick') else 'full'} suite,"
-        f" {results.get('total_s')} s)",
+        f"Run {results.get('started_at')} ({_scope(results)}, {results.get('total_s')} s)",
         "",
         f"Machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), {m.get('memory_gb')} GB,"
         f" Linux {m.get('kernel')}, Python {m.get('python')}, Redis {m.get('redis')},"

@@ -538,6 +538,7 @@ async def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "phases_run": phases,
         "config": cfg,
         "background_busy_pct_before": busy,
         "phases": {},
