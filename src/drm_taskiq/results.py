@@ -65,7 +65,10 @@ class JobResultBackend(AsyncpgResultBackend):
         if state not in ("completed", "failed"):
             # waiting, active, delayed (a retry), or no hash (None): not finished in Redis
             return state is not None, None
-        took = (int(finished) - int(processed)) / 1000 if finished and processed else 0.0
+        try:
+            took = (int(finished) - int(processed)) / 1000 if finished and processed else 0.0
+        except ValueError:  # not written by finish.lua (a hand-edited hash): no duration
+            took = 0.0
         completed = state == "completed"
         return True, taskiq_result_json(completed, (rv if completed else reason) or "", took)
 

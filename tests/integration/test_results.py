@@ -112,3 +112,18 @@ async def test_a_job_that_has_not_finished_in_redis_is_not_ready_whatever_postgr
     await client.broker.queue.redis.delete(key)
     assert await backend.is_result_ready(job_id)
     assert not await backend.is_result_ready("no-such-job")
+
+
+async def test_a_finished_hash_without_valid_times_gives_a_result_without_duration(
+    client: JobScheduler,
+) -> None:
+    """A finished job's hash whose start or finish time is not a number (not written by
+    finish.lua) still gives its result, with an execution time of 0."""
+    key = client.broker.queue.keys.job("hand-edited")
+    await client.broker.queue.redis.hset(
+        key, mapping={"state": "completed", "rv": '{"ok": true}', "processed": "x", "finished": "1"}
+    )
+    backend = client.broker.result_backend
+    assert await backend.is_result_ready("hand-edited")
+    result = await backend.get_result("hand-edited")
+    assert (result.is_err, result.return_value, result.execution_time) == (False, {"ok": True}, 0.0)
