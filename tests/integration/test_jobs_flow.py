@@ -11,6 +11,7 @@ import pytest
 
 from drm_taskiq import InvalidInputError, JobScheduler, UnknownJobError, UnknownTenantError
 from tests.conftest import wait_for
+from tests.support.waiting import key_gone
 
 pytestmark = pytest.mark.asyncio
 
@@ -83,7 +84,7 @@ async def test_finished_jobs_leave_redis_and_status_comes_from_postgres(
     await start_worker(register_echo)
     job_id = await client.add_job("testp", "echo", 7, tenant_id=tenant)
     await wait_for(lambda: db.fetchval("SELECT count(*) FROM jobs"))
-    await wait_for(lambda: _gone(redis_client, client.broker.queue.keys.job(job_id)))
+    await wait_for(lambda: key_gone(redis_client, client.broker.queue.keys.job(job_id)))
     status = await client.get_job_status("testp", "echo", job_id)
     assert status is not None
     assert (status.state, status.returnvalue["echo"], status.progress) == (
@@ -91,10 +92,6 @@ async def test_finished_jobs_leave_redis_and_status_comes_from_postgres(
         7,
         {"pct": 100},
     )
-
-
-async def _gone(redis_client: Any, key: str) -> bool:
-    return not await redis_client.exists(key)
 
 
 async def test_status_waiting_then_unknown_ids(client: JobScheduler, tenant: str) -> None:

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from drm_taskiq import JobScheduler, UnrecoverableError
 from drm_taskiq.runlog import RunLedger
 from tests.conftest import wait_for
+from tests.support.waiting import key_gone
 
 pytestmark = pytest.mark.asyncio
 
@@ -38,15 +39,11 @@ async def _written(client: JobScheduler, db: asyncpg.Pool, job_id: str) -> None:
     ledger = RunLedger(client.broker.queue, db, consumer="test")
     await ledger.ensure_group()
     await ledger.drain()
-    await wait_for(lambda: _gone(redis, key))
+    await wait_for(lambda: key_gone(redis, key))
 
 
 async def _finished(redis: aioredis.Redis, key: str) -> bool:
     return await redis.hget(key, "state") in (b"completed", b"failed")
-
-
-async def _gone(redis: aioredis.Redis, key: str) -> bool:
-    return not await redis.exists(key)
 
 
 async def test_a_result_is_ready_when_the_job_settles_not_when_the_ledger_writes_it(

@@ -20,7 +20,7 @@ from tests.outage.conftest import (
 )
 from tests.support.processes import wait_event
 from tests.support.services import PrivateRedis
-from tests.support.waiting import wait_until
+from tests.support.waiting import key_gone, wait_until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -165,7 +165,9 @@ async def test_recorded_results_are_read_from_postgresql_while_redis_is_down(
     assert (await sent.wait_result(check_interval=0.05, timeout=20)).return_value == 42
     key = client.broker.queue.keys.job(sent.task_id)
     await wait_until(
-        lambda: _gone(client, key), timeout=20, what="the job's hash left Redis (recorded)"
+        lambda: key_gone(client.broker.queue.redis, key),
+        timeout=20,
+        what="the job's hash left Redis (recorded)",
     )
     private_redis.stop()
     backend = client.broker.result_backend
@@ -176,7 +178,3 @@ async def test_recorded_results_are_read_from_postgresql_while_redis_is_down(
 
 async def _double(ctx: Any, job: Any) -> int:
     return int(job.data) * 2
-
-
-async def _gone(client: JobScheduler, key: str) -> bool:
-    return not await client.broker.queue.redis.exists(key)

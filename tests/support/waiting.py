@@ -41,3 +41,8 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def key_gone(redis: Any, key: str) -> bool:
+    """Whether ``key`` no longer exists in Redis (a wait_until predicate)."""
+    return not await redis.exists(key)
