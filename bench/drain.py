@@ -11,7 +11,7 @@ Method (the same for both systems):
 4. end points: ``marker``: the time the marker job ran (it records it in Redis); for drm-taskiq
    also ``acked``: wait and active sets empty (every job settled in Redis, its ledger entry
    written) and ``recorded``: ledger stream empty as well (settle.lua runs only after the
-   PostgreSQL commit, so every plugin_runs / jobs / taskiq_results row is committed).
+   PostgreSQL commit, so every plugin_runs / jobs row is committed).
 The rate is N / (end point - start). The headline for drm-taskiq is ``recorded``.
 """
 

@@ -2,8 +2,8 @@
 
 The ledger stream of a queue is filled with N entries exactly as ``finish.lua`` writes them for a
 completed attempt (same JSON fields). One :class:`drm_taskiq.runlog.RunLedger`, in this process,
-then drains the stream (``RunLedger.drain()``: read a batch, write ``plugin_runs`` + ``jobs`` +
-``taskiq_results`` rows in one transaction, then settle.lua), for several batch sizes
+then drains the stream (``RunLedger.drain()``: read a batch, write ``plugin_runs`` + ``jobs``
+rows in one transaction, then settle.lua), for several batch sizes
 (``DRM_LEDGER_BATCH``, default 500). The cost per row is split into the writer's own CPU (this
 process), PostgreSQL's CPU (all its processes) and Redis's CPU.
 

@@ -1,37 +1,69 @@
 """taskiq's result backend on PostgreSQL (taskiq-postgres), JSON instead of pickle.
 
-Results are not written one by one here: the run ledger writes them in batches, in the same
-transaction as the ``plugin_runs`` rows (see :mod:`drm_taskiq.runlog`). Reading
-(``is_result_ready``, ``get_result``, ``task.wait_result()``) looks at the job's hash in Redis
-first: a job that finished has its result there until the ledger has written it (and the hash
-left Redis), so a result is ready as soon as the job settled, not only once the ledger wrote
-it. Without a hash, taskiq-postgres reads the ``taskiq_results`` row.
+Results are not written here: a finished job's result is its final state, which the job's hash
+in Redis holds until the run ledger has written the job's ``jobs`` row (see
+:mod:`drm_taskiq.runlog`); ``taskiq_results`` is a view over ``jobs`` (migration 0006). Reading
+(``is_result_ready``, ``get_result``, ``task.wait_result()``) looks at the job's hash first, so
+a result is ready as soon as the job settled, not only once the ledger wrote it. Without a
+hash, taskiq-postgres reads the view. Progress (taskiq's ``ProgressTracker``) is kept with the
+job's own progress (``ctx.update_progress``): in its hash, then in ``jobs.progress``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Any
 
 import asyncpg
+import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import TaskiqResult
+from taskiq.depends.progress_tracker import TaskProgress, TaskState
 from taskiq.serializers import JSONSerializer
 from taskiq_pg.asyncpg import AsyncpgResultBackend
 
 from drm_taskiq.redis_queue import RedisQueue
-from drm_taskiq.runlog import taskiq_result_json
+from drm_taskiq.runlog import json_or_text
 from drm_taskiq.settings import Settings
 
 # The job hash's fields a result is built from (finish.lua writes them when a job settles).
 _FIELDS = ("state", "rv", "reason", "processed", "finished")
 
 
+def taskiq_result_json(completed: bool, value: str, execution_time: float) -> str:
+    """A finished job's taskiq result as JSON text: ``value`` is the return value's JSON
+    (completed) or the failure's reason. The ``taskiq_results`` view (migration 0006) builds
+    the same JSON from the job's ``jobs`` row."""
+    if completed:  # the common case, without a pydantic model (same JSON)
+        body: dict[str, Any] = {
+            "is_err": False,
+            "log": None,
+            "return_value": None if value in ("", "null") else json_or_text(value),
+            "execution_time": round(execution_time, 3),
+            "labels": {},
+            "error": None,
+        }
+        try:
+            return orjson.dumps(body).decode()
+        except TypeError:  # what only the standard library encodes (integers beyond 64 bits)
+            return json.dumps(body)
+    result: TaskiqResult[Any] = TaskiqResult(
+        is_err=True,
+        return_value=None,
+        execution_time=round(execution_time, 3),
+        error=RuntimeError(value),
+        log=None,
+    )
+    return json.dumps(result.model_dump(mode="json"))
+
+
 class JobResultBackend(AsyncpgResultBackend):
     """Reads taskiq results from a finished job's hash in Redis (``queue``), else from the
-    ``taskiq_results`` table the migrations create."""
+    ``taskiq_results`` view the migrations create."""
 
-    def __init__(self, settings: Settings, queue: RedisQueue | None = None) -> None:
+    def __init__(self, settings: Settings, queue: RedisQueue) -> None:
         self.queue = queue
         super().__init__(
             dsn=settings.database_url,
@@ -53,8 +85,6 @@ class JobResultBackend(AsyncpgResultBackend):
     async def _from_redis(self, task_id: str) -> tuple[bool, str | None]:
         """(whether the job's hash exists, its result's JSON when it finished). While Redis
         cannot be reached, (False, None): results already recorded are read from PostgreSQL."""
-        if self.queue is None:
-            return False, None
         try:
             raw = await self.queue.redis.hmget(self.queue.keys.job(task_id), *_FIELDS)
         except (RedisConnectionError, RedisTimeoutError):
@@ -83,8 +113,31 @@ class JobResultBackend(AsyncpgResultBackend):
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[Any]:
         """The finished job's result from its hash, else taskiq-postgres's row (the same JSON:
-        the run ledger writes it with :func:`~drm_taskiq.runlog.taskiq_result_json`)."""
+        the view builds it as :func:`taskiq_result_json` does)."""
         _, result = await self._from_redis(task_id)
         if result is None:
             return await super().get_result(task_id, with_logs)
         return TaskiqResult[Any].model_validate(self.serializer.loadb(result.encode()))
+
+    async def set_progress(self, task_id: str, progress: TaskProgress[Any]) -> None:
+        """taskiq's progress, kept as the job's progress (what ``ctx.update_progress`` sets and
+        ``get_job_status`` shows): ``{"state": ..., "meta": ...}``."""
+        await self.queue.set_progress(task_id, progress.model_dump(mode="json"))
+
+    async def get_progress(self, task_id: str) -> TaskProgress[Any] | None:
+        """The job's progress: from its hash, else from its ``jobs`` row; None when it has
+        none. Progress set by ``ctx.update_progress`` (any JSON value) is the ``meta`` of a
+        ``STARTED`` progress."""
+        raw: Any = None
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            raw = await self.queue.redis.hget(self.queue.keys.job(task_id), "progress")
+        if raw is None:
+            raw = await self._database_pool.fetchval(
+                "SELECT progress::text FROM jobs WHERE job_id = $1", task_id
+            )
+        if raw is None:
+            return None
+        value = json_or_text(raw.decode() if isinstance(raw, bytes) else raw)
+        if isinstance(value, dict) and value.keys() == {"state", "meta"}:
+            return TaskProgress[Any].model_validate(value)
+        return TaskProgress[Any](state=TaskState.STARTED, meta=value)

@@ -2,10 +2,11 @@
 
 A job's attempt is settled in Redis by one Lua script that also appends a ledger entry to a
 stream (so the entry exists exactly when the job is acknowledged). :class:`RunLedger` reads the
-stream with a consumer group, writes each batch with one statement (``plugin_runs``, ``jobs``
-and ``taskiq_results``; one transaction), and only then acknowledges the entries. Row ids are
-derived from (job id, attempt), so writing an entry twice leaves one row. While PostgreSQL is
-down, entries wait in Redis; they are written when it returns.
+stream with a consumer group, writes each batch with one statement (``plugin_runs`` and
+``jobs``, which the ``taskiq_results`` view reads; one transaction), and only then
+acknowledges the entries. Row ids are derived from (job id, attempt), so writing an entry twice
+leaves one row. While PostgreSQL is down, entries wait in Redis; they are written when it
+returns.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import asyncpg
 import orjson
 import structlog
 from redis.exceptions import ResponseError
-from taskiq import TaskiqResult
 
 from drm_taskiq.options import JobMetadata, metadata_body, ms_to_datetime, storable_json
 from drm_taskiq.redis_queue import LEDGER_GROUP, RedisQueue, pool_options
@@ -44,12 +44,12 @@ _datetime = functools.lru_cache(maxsize=4096)(ms_to_datetime)
 RUN_NAMESPACE = uuid.UUID("5d1c7a52-7f0e-4d55-9a59-3b9f8f1f2c11")
 
 # A batch is written by one statement (one round trip, atomic without BEGIN/COMMIT): its
-# data-modifying CTEs insert the attempts' plugin_runs rows ($1) and the final states' jobs and
-# taskiq_results rows ($3; $2 is the queue). Each array is one JSON text of rows (each row an
-# array, in the column order below): encoding it with orjson costs the writer a fraction of
-# what asyncpg spends encoding one PostgreSQL array per column, and jsonb's element access is
-# cheap on the server. The three tables are independent, so the CTEs sharing one snapshot
-# changes nothing.
+# data-modifying CTE inserts the attempts' plugin_runs rows ($1), then the final states' jobs
+# rows ($3; $2 is the queue; taskiq_results is a view over jobs, migration 0006). Each array is
+# one JSON text of rows (each row an array, in the column order below): encoding it with orjson
+# costs the writer a fraction of what asyncpg spends encoding one PostgreSQL array per column,
+# and jsonb's element access is cheap on the server. The two tables are independent, so the
+# statements sharing one snapshot changes nothing.
 _WRITE_BATCH = """
 WITH runs AS (
   INSERT INTO plugin_runs
@@ -59,24 +59,20 @@ WITH runs AS (
   FROM jsonb_array_elements($1::jsonb) AS r
   WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = r->>2)
   ON CONFLICT (plugin_run_id) DO NOTHING
-), results AS (
-  INSERT INTO taskiq_results (task_id, result, progress, generation)
-  SELECT j->>0, convert_to(j->>13, 'UTF8'), NULL, (j->>12)::int
-  FROM jsonb_array_elements($3::jsonb) AS j
-  ON CONFLICT (task_id) DO UPDATE SET result = EXCLUDED.result, generation = EXCLUDED.generation
-  -- an older run written late (a claimed entry) leaves a newer run's result, as jobs does
-  WHERE taskiq_results.generation IS NULL OR taskiq_results.generation <= EXCLUDED.generation
 )
 INSERT INTO jobs (job_id, queue, plugin_id, tenant_id, job_name, state, attempts_made, progress,
-                  returnvalue, failed_reason, created_at, finished_at, message, generation)
+                  returnvalue, failed_reason, created_at, finished_at, message, generation,
+                  started_at)
 SELECT j->>0, $2, j->>1, j->>2, j->>3, j->>4, (j->>5)::int, (j->>6)::jsonb, (j->>7)::jsonb,
-       j->>8, (j->>9)::timestamptz, (j->>10)::timestamptz, j->>11, (j->>12)::int
+       j->>8, (j->>9)::timestamptz, (j->>10)::timestamptz, j->>11, (j->>12)::int,
+       (j->>13)::timestamptz
 FROM jsonb_array_elements($3::jsonb) AS j
 WHERE EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = j->>2)
 ON CONFLICT (job_id) DO UPDATE SET
   state = EXCLUDED.state, attempts_made = EXCLUDED.attempts_made, progress = EXCLUDED.progress,
   returnvalue = EXCLUDED.returnvalue, failed_reason = EXCLUDED.failed_reason,
-  finished_at = EXCLUDED.finished_at, message = EXCLUDED.message, generation = EXCLUDED.generation
+  finished_at = EXCLUDED.finished_at, message = EXCLUDED.message, generation = EXCLUDED.generation,
+  started_at = EXCLUDED.started_at
 WHERE jobs.generation <= EXCLUDED.generation
 """
 
@@ -218,7 +214,8 @@ def _loads(text: str | bytes) -> Any:
         return json.loads(text)
 
 
-def _json_or_text(value: str) -> Any:
+def json_or_text(value: str) -> Any:
+    """``value`` parsed as JSON, or the text itself when it is not JSON."""
     try:
         return _loads(value)
     except ValueError:
@@ -288,7 +285,7 @@ async def write_entries(
                 e.at,
                 e.message if e.state == "failed" else None,
                 e.generation,
-                _taskiq_result(e),
+                e.started,
             )
     if runs or finals:
         await conn.execute(
@@ -306,46 +303,11 @@ def _run_result(e: LedgerEntry) -> str:
         extra["startedAt"] = e.started.isoformat()
         extra["durationMs"] = int((e.at - e.started).total_seconds() * 1000)
     if e.status == "success" and e.value:
-        extra["returnvalue"] = _json_or_text(e.value)
+        extra["returnvalue"] = json_or_text(e.value)
     if e.extra:
         extra.update(e.extra)
     # its values came from JSON: orjson encodes them as storable_json would
     return _jsonb_text(metadata_body(e.job_id, e.job_name, e.attempt, e.created, extra=extra))
-
-
-def _taskiq_result(entry: LedgerEntry) -> str:
-    """taskiq's result of the attempt, as taskiq-postgres stores it (JSON; bytea in the table)."""
-    execution_time = (
-        (entry.at - entry.started).total_seconds() if entry.started is not None else 0.0
-    )
-    return taskiq_result_json(entry.state == "completed", entry.value, execution_time)
-
-
-def taskiq_result_json(completed: bool, value: str, execution_time: float) -> str:
-    """A final attempt's taskiq result as JSON text: ``value`` is the return value's JSON
-    (completed) or the failure's reason. The run ledger stores this text in
-    ``taskiq_results``; the result backend builds the same from a finished job's hash."""
-    if completed:  # the common case, without a pydantic model (same JSON)
-        body: dict[str, Any] = {
-            "is_err": False,
-            "log": None,
-            "return_value": None if value in ("", "null") else _json_or_text(value),
-            "execution_time": round(execution_time, 3),
-            "labels": {},
-            "error": None,
-        }
-        try:
-            return orjson.dumps(body).decode()
-        except TypeError:  # what only the standard library encodes (see _jsonb_text)
-            return json.dumps(body)
-    result: TaskiqResult[Any] = TaskiqResult(
-        is_err=True,
-        return_value=None,
-        execution_time=round(execution_time, 3),
-        error=RuntimeError(value),
-        log=None,
-    )
-    return json.dumps(result.model_dump(mode="json"))
 
 
 class RunLedger:

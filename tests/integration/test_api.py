@@ -83,6 +83,47 @@ async def test_concurrent_migrations_apply_once(settings: Settings) -> None:
         await conn.close()
 
 
+async def test_results_recorded_before_the_results_view_are_read_after_the_upgrade(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A schema at migration 5 (results in the taskiq_results table) upgraded to 6 (a view
+    over jobs): a job recorded before reads the same return value, with no duration (jobs had
+    no start time), and a failed one its reason."""
+    every = store._migrations()
+    monkeypatch.setattr(store, "_migrations", lambda: [m for m in every if m[0] <= 5])
+    conn = await asyncpg.connect(settings.database_url)
+    schema = settings.db_schema
+    try:
+        await store.migrate(settings)
+        await conn.execute(f'SET search_path TO "{schema}"')
+        await conn.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+        for job_id, state, value, reason in (
+            ("done", "completed", '{"n": 1}', None),
+            ("broke", "failed", None, "boom"),
+        ):
+            await conn.execute(
+                "INSERT INTO jobs (job_id, queue, plugin_id, tenant_id, job_name, state,"
+                " attempts_made, returnvalue, failed_reason, created_at, finished_at)"
+                " VALUES ($1, 'default', 'p', 't1', 'j', $2, 1, $3::jsonb, $4, NOW(), NOW())",
+                job_id,
+                state,
+                value,
+                reason,
+            )
+        monkeypatch.setattr(store, "_migrations", lambda: every)
+        assert await store.migrate(settings) == ["0006_results_from_jobs.sql"]
+        rows = {
+            r["task_id"]: json.loads(r["result"])
+            for r in await conn.fetch("SELECT task_id, result FROM taskiq_results")
+        }
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+    assert rows["done"]["return_value"] == {"n": 1}
+    assert (rows["done"]["is_err"], rows["done"]["execution_time"]) == (False, 0)
+    assert rows["broke"]["is_err"] and rows["broke"]["error"]["exc_message"] == ["boom"]
+
+
 async def test_old_finished_jobs_are_pruned(
     client: JobScheduler, db: asyncpg.Pool, tenant: str
 ) -> None:

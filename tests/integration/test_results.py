@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from taskiq.depends.progress_tracker import TaskProgress, TaskState
 
 from drm_taskiq import JobScheduler, UnrecoverableError
 from drm_taskiq.runlog import RunLedger
@@ -124,3 +125,49 @@ async def test_a_finished_hash_without_valid_times_gives_a_result_without_durati
     assert await backend.is_result_ready("hand-edited")
     result = await backend.get_result("hand-edited")
     assert (result.is_err, result.return_value, result.execution_time) == (False, {"ok": True}, 0.0)
+
+
+async def test_taskiq_progress_is_the_jobs_progress_in_redis_and_then_in_postgresql(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool, tenant: str
+) -> None:
+    """taskiq's progress API (what its ProgressTracker calls) keeps progress with the job: in
+    its hash while the job is in Redis (`get_job_status` shows it), in its jobs row after the
+    ledger wrote it; progress set with `ctx.update_progress` reads as a STARTED progress."""
+    backend = client.broker.result_backend
+    assert await backend.get_progress("no-such-job") is None
+    await setup(client)
+    job_id = await client.add_job("testp", "echo", 3, tenant_id=tenant)
+    other = await client.add_job("testp", "echo", 4, tenant_id=tenant)
+    # set while the jobs wait (a running job's tracker does the same), before a worker runs
+    await backend.set_progress(job_id, TaskProgress(state=TaskState.STARTED, meta={"done": 3}))
+    await client.broker.queue.set_progress(other, 50)  # what ctx.update_progress(50) does
+    status = await client.get_job_status("testp", "echo", job_id, tenant_id=tenant)
+    assert status is not None and status.progress == {"state": "STARTED", "meta": {"done": 3}}
+    assert await backend.get_progress(other) == TaskProgress(state=TaskState.STARTED, meta=50)
+
+    await start_worker(setup, ledger_in_worker=False)
+    other_key = client.broker.queue.keys.job(other)
+    await wait_for(lambda: _finished(client.broker.queue.redis, other_key))
+    await _written(client, db, job_id)  # writes both
+    await wait_for(lambda: key_gone(client.broker.queue.redis, other_key))
+    assert await backend.get_progress(job_id) == TaskProgress(
+        state=TaskState.STARTED, meta={"done": 3}
+    )
+    assert await backend.get_progress(other) == TaskProgress(state=TaskState.STARTED, meta=50)
+
+
+async def test_a_deleted_tenants_results_go_with_its_jobs(
+    client: JobScheduler, start_worker: Any, db: asyncpg.Pool
+) -> None:
+    """taskiq_results reads the jobs table: deleting a tenant deletes its jobs' results."""
+    from drm_taskiq import store
+
+    await store.ensure_tenant(db, "leaving", plugins={"testp": {}})
+    await setup(client)
+    await start_worker(setup, ledger_in_worker=False)
+    job_id = await client.add_job("testp", "echo", 5, tenant_id="leaving")
+    await _written(client, db, job_id)
+    assert await client.broker.result_backend.is_result_ready(job_id)
+    await db.execute("DELETE FROM tenants WHERE tenant_id = 'leaving'")
+    assert not await client.broker.result_backend.is_result_ready(job_id)
+    assert await db.fetchval("SELECT count(*) FROM taskiq_results WHERE task_id = $1", job_id) == 0

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from drm_taskiq.results import taskiq_result_json
 from drm_taskiq.runlog import (
     RUN_NAMESPACE,
     LedgerEntry,
     _run_result,
-    _taskiq_result,
     run_id,
     run_id_hex,
 )
@@ -114,14 +114,14 @@ def test_entry_text_is_made_storable() -> None:
 def test_result_json_is_what_jsonb_accepts(value: str, expected: object) -> None:
     """plugin_runs.result and taskiq's result are encoded by orjson where it can, by the
     standard library where only it can. The result gives text jsonb accepts (no \\u0000
-    escape, no lone surrogate, no NaN) with the value kept; taskiq's result (bytea) keeps the
-    value exactly."""
+    escape, no lone surrogate, no NaN) with the value kept; taskiq's result read from a
+    finished job's hash keeps the value exactly."""
     entry = LedgerEntry.parse("1-0", _entry(value=value))
     text = _run_result(entry)
     assert "\\u0000" not in text and "NaN" not in text
     text.encode("utf-8")  # no lone surrogate left
     assert json.loads(text)["returnvalue"] == expected
-    taskiq_result = json.loads(_taskiq_result(entry))
+    taskiq_result = json.loads(taskiq_result_json(True, entry.value, 0.0))
     assert taskiq_result["is_err"] is False
-    if value != "NaN":  # taskiq's result is bytea: the value exactly as returned
+    if value != "NaN":  # from the hash: the value exactly as returned
         assert taskiq_result["return_value"] == json.loads(value)
