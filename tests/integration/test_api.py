@@ -83,12 +83,13 @@ async def test_concurrent_migrations_apply_once(settings: Settings) -> None:
         await conn.close()
 
 
-async def test_results_recorded_before_the_results_view_are_read_after_the_upgrade(
+async def test_a_schema_at_migration_5_upgrades_with_its_rows(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A schema at migration 5 (results in the taskiq_results table) upgraded to 6 (a view
-    over jobs): a job recorded before reads the same return value, with no duration (jobs had
-    no start time), and a failed one its reason."""
+    """A schema at migration 5 (results in the taskiq_results table, foreign keys to tenants)
+    upgraded to the latest: a job recorded before reads the same return value from the view
+    (with no duration: jobs had no start time) and a failed one its reason; the tenant checks
+    that replace the foreign keys hold for the old rows (refused, deleted with the tenant)."""
     every = store._migrations()
     monkeypatch.setattr(store, "_migrations", lambda: [m for m in every if m[0] <= 5])
     conn = await asyncpg.connect(settings.database_url)
@@ -97,6 +98,10 @@ async def test_results_recorded_before_the_results_view_are_read_after_the_upgra
         await store.migrate(settings)
         await conn.execute(f'SET search_path TO "{schema}"')
         await conn.execute("INSERT INTO tenants (tenant_id) VALUES ('t1')")
+        await conn.execute(
+            "INSERT INTO plugin_runs (plugin_id, tenant_id, hook_name, status)"
+            " VALUES ('p', 't1', 'h', 'success')"
+        )
         for job_id, state, value, reason in (
             ("done", "completed", '{"n": 1}', None),
             ("broke", "failed", None, "boom"),
@@ -111,17 +116,25 @@ async def test_results_recorded_before_the_results_view_are_read_after_the_upgra
                 reason,
             )
         monkeypatch.setattr(store, "_migrations", lambda: every)
-        assert await store.migrate(settings) == ["0006_results_from_jobs.sql"]
+        applied = await store.migrate(settings)
         rows = {
             r["task_id"]: json.loads(r["result"])
             for r in await conn.fetch("SELECT task_id, result FROM taskiq_results")
         }
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute("UPDATE plugin_runs SET tenant_id = 'gone'")
+        await conn.execute("DELETE FROM tenants WHERE tenant_id = 't1'")
+        left = await conn.fetchval(
+            "SELECT (SELECT count(*) FROM plugin_runs) + (SELECT count(*) FROM jobs)"
+        )
     finally:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
+    assert applied == [name for version, name, _ in every if version > 5]
     assert rows["done"]["return_value"] == {"n": 1}
     assert (rows["done"]["is_err"], rows["done"]["execution_time"]) == (False, 0)
     assert rows["broke"]["is_err"] and rows["broke"]["error"]["exc_message"] == ["boom"]
+    assert left == 0
 
 
 async def test_old_finished_jobs_are_pruned(
