@@ -125,13 +125,16 @@ class JobResultBackend(AsyncpgResultBackend):
         await self.queue.set_progress(task_id, progress.model_dump(mode="json"))
 
     async def get_progress(self, task_id: str) -> TaskProgress[Any] | None:
-        """The job's progress: from its hash, else from its ``jobs`` row; None when it has
-        none. Progress set by ``ctx.update_progress`` (any JSON value) is the ``meta`` of a
-        ``STARTED`` progress."""
+        """The job's progress: from its hash while it has one, else from its ``jobs`` row;
+        None when it has none. Progress set by ``ctx.update_progress`` (any JSON value) is the
+        ``meta`` of a ``STARTED`` progress."""
+        state: Any = None
         raw: Any = None
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-            raw = await self.queue.redis.hget(self.queue.keys.job(task_id), "progress")
-        if raw is None:
+            state, raw = await self.queue.redis.hmget(
+                self.queue.keys.job(task_id), "state", "progress"
+            )
+        if state is None:  # no hash (or Redis unreachable): what the ledger recorded
             raw = await self._database_pool.fetchval(
                 "SELECT progress::text FROM jobs WHERE job_id = $1", task_id
             )

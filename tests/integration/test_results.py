@@ -155,6 +155,11 @@ async def test_taskiq_progress_is_the_jobs_progress_in_redis_and_then_in_postgre
     )
     assert await backend.get_progress(other) == TaskProgress(state=TaskState.STARTED, meta=50)
 
+    # a hash again for that id (a new run: retried by hand, or the id reused) without progress
+    # yet: none, whatever the earlier run's jobs row holds
+    await client.broker.queue.redis.hset(other_key, "state", "waiting")
+    assert await backend.get_progress(other) is None
+
 
 async def test_a_deleted_tenants_results_go_with_its_jobs(
     client: JobScheduler, start_worker: Any, db: asyncpg.Pool
