@@ -112,12 +112,26 @@ class JobResultBackend(AsyncpgResultBackend):
         return await super().is_result_ready(task_id)
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[Any]:
-        """The finished job's result from its hash, else taskiq-postgres's row (the same JSON:
-        the view builds it as :func:`taskiq_result_json` does)."""
-        _, result = await self._from_redis(task_id)
-        if result is None:
-            return await super().get_result(task_id, with_logs)
-        return TaskiqResult[Any].model_validate(self.serializer.loadb(result.encode()))
+        """The finished job's result from its hash, else from the ``taskiq_results`` view (the
+        same JSON: the view builds it as :func:`taskiq_result_json` does).
+
+        Raises ``LookupError`` when the result is not ready (``is_result_ready`` is False): the
+        job's hash says it has not finished (an earlier run's row is not its result), or there
+        is neither a hash nor a row. ``task.get_result()`` wraps it in taskiq's
+        ``ResultGetError``."""
+        exists, result = await self._from_redis(task_id)
+        if exists and result is None:
+            raise LookupError(f"job {task_id!r} has not finished")
+        raw = (
+            result.encode()
+            if result is not None
+            else await self._database_pool.fetchval(
+                "SELECT result FROM taskiq_results WHERE task_id = $1", task_id
+            )
+        )
+        if raw is None:
+            raise LookupError(f"no result for job {task_id!r}")
+        return TaskiqResult[Any].model_validate(self.serializer.loadb(raw))
 
     async def set_progress(self, task_id: str, progress: TaskProgress[Any]) -> None:
         """taskiq's progress, kept as the job's progress (what ``ctx.update_progress`` sets and

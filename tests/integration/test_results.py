@@ -8,7 +8,9 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from taskiq import AsyncTaskiqTask
 from taskiq.depends.progress_tracker import TaskProgress, TaskState
+from taskiq.exceptions import ResultGetError
 
 from drm_taskiq import JobScheduler, UnrecoverableError
 from drm_taskiq.runlog import RunLedger
@@ -95,7 +97,7 @@ async def test_a_job_that_has_not_finished_in_redis_is_not_ready_whatever_postgr
 ) -> None:
     """While a job's hash says it has not finished (it waits, runs, or was retried by hand
     after it failed), its result is not ready, even where PostgreSQL holds the result of an
-    earlier run with that id; an unknown id is not ready either."""
+    earlier run with that id, and get_result says so; an unknown id is not ready either."""
     await setup(client)
     await start_worker(setup, ledger_in_worker=False)
     job_id = await client.add_job("testp", "echo", 2, tenant_id=tenant)
@@ -107,9 +109,16 @@ async def test_a_job_that_has_not_finished_in_redis_is_not_ready_whatever_postgr
     for state in ("waiting", "active", "delayed"):
         await client.broker.queue.redis.hset(key, "state", state)
         assert not await backend.is_result_ready(job_id)
+        with pytest.raises(LookupError, match="has not finished"):
+            await backend.get_result(job_id)
     await client.broker.queue.redis.delete(key)
     assert await backend.is_result_ready(job_id)
+    assert (await backend.get_result(job_id)).return_value == {"echo": 2, "tenant": tenant}
     assert not await backend.is_result_ready("no-such-job")
+    with pytest.raises(LookupError, match="no result"):
+        await backend.get_result("no-such-job")
+    with pytest.raises(ResultGetError):  # what taskiq's task.get_result() makes of it
+        await AsyncTaskiqTask("no-such-job", backend).get_result()
 
 
 async def test_a_finished_hash_without_valid_times_gives_a_result_without_duration(
