@@ -217,6 +217,41 @@ class CpuProbe:
         }
 
 
+# The top-level commands each system sends (a script's inner commands are timed in EVALSHA).
+OWN_COMMANDS = {
+    "drm": ("evalsha", "xreadgroup", "xautoclaim", "blpop"),
+    "plain": ("brpop", "lpush", "rpush"),
+}
+
+
+def own_usec(rows: list[dict[str, Any]], system: str) -> float:
+    """Redis time per job of the commands ``system`` sends itself (``command_costs`` rows)."""
+    return round(sum(r["usec_per_job"] for r in rows if r["command"] in OWN_COMMANDS[system]), 1)
+
+
+def command_costs(
+    before: dict[str, Any], after: dict[str, Any], jobs: int, top: int = 40
+) -> list[dict[str, Any]]:
+    """Redis time per command during the window (INFO commandstats; the server is shared, so
+    other clients' commands may show up too)."""
+    rows = []
+    for name, stat in after.items():
+        old = before.get(name, {"calls": 0, "usec": 0})
+        calls = int(stat["calls"]) - int(old["calls"])
+        usec = int(stat["usec"]) - int(old["usec"])
+        if calls > 0:
+            rows.append(
+                {
+                    "command": name.removeprefix("cmdstat_"),
+                    "calls_per_job": round(calls / max(jobs, 1), 3),
+                    "usec_per_call": round(usec / calls, 2),
+                    "usec_per_job": round(usec / max(jobs, 1), 1),
+                }
+            )
+    rows.sort(key=lambda r: -r["usec_per_job"])
+    return rows[:top]
+
+
 async def redis_cpu_seconds(redis: Any) -> float:
     info = await redis.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])

@@ -22,41 +22,8 @@ import contextlib
 import time
 from typing import Any
 
-from bench.common import CpuProbe, ProcGroup, redis_cpu_seconds, say
+from bench.common import CpuProbe, ProcGroup, command_costs, own_usec, redis_cpu_seconds, say
 from bench.systems import DrmSystem, System
-
-# The top-level commands each system sends (a script's inner commands are timed in EVALSHA).
-OWN_COMMANDS = {
-    "drm": ("evalsha", "xreadgroup", "xautoclaim", "blpop"),
-    "plain": ("brpop", "lpush", "rpush"),
-}
-
-
-def _own_usec(rows: list[dict[str, Any]], system: str) -> float:
-    return round(sum(r["usec_per_job"] for r in rows if r["command"] in OWN_COMMANDS[system]), 1)
-
-
-def _command_costs(
-    before: dict[str, Any], after: dict[str, Any], jobs: int, top: int = 40
-) -> list[dict[str, Any]]:
-    """Redis time per command during the window (INFO commandstats; the server is shared, so
-    other clients' commands may show up too)."""
-    rows = []
-    for name, stat in after.items():
-        old = before.get(name, {"calls": 0, "usec": 0})
-        calls = int(stat["calls"]) - int(old["calls"])
-        usec = int(stat["usec"]) - int(old["usec"])
-        if calls > 0:
-            rows.append(
-                {
-                    "command": name.removeprefix("cmdstat_"),
-                    "calls_per_job": round(calls / max(jobs, 1), 3),
-                    "usec_per_call": round(usec / calls, 2),
-                    "usec_per_job": round(usec / max(jobs, 1), 1),
-                }
-            )
-    rows.sort(key=lambda r: -r["usec_per_job"])
-    return rows[:top]
 
 
 async def _watch_ledger(system: System, queue: str, stop: asyncio.Event, peak: list[int]) -> None:
@@ -162,8 +129,8 @@ async def run_drain(
             },
             redis_bytes_per_waiting_job=round((mem_full - mem_empty) / (n + 1 + backlog)),
             fill_s=round(fill_s, 2),
-            redis_commands=_command_costs(stats0, stats1, n)[:8],
-            redis_usec_per_job=_own_usec(_command_costs(stats0, stats1, n), system.name),
+            redis_commands=command_costs(stats0, stats1, n)[:8],
+            redis_usec_per_job=own_usec(command_costs(stats0, stats1, n), system.name),
         )
         if rows_before is not None and rows_after is not None:
             result["plugin_runs_rows"] = rows_after - rows_before

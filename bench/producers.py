@@ -14,7 +14,15 @@ import sys
 import time
 from typing import Any
 
-from bench.common import log_dir, percentile, say, wait_until
+from bench.common import (
+    command_costs,
+    log_dir,
+    own_usec,
+    percentile,
+    redis_cpu_seconds,
+    say,
+    wait_until,
+)
 from bench.systems import System
 
 
@@ -80,6 +88,8 @@ async def run_latency(
         uniq = f"w{time.time_ns() % 10**13:x}-"
         await system.warmup(queue, group, id_prefix=uniq)
         await asyncio.sleep(0.5)
+        stats0 = await system.redis.info("commandstats")
+        cpu0 = await redis_cpu_seconds(system.redis)
         produced = await run_client(
             system,
             {"mode": "latency", "queue": queue, "rate": rate, "duration": duration, "key": key},
@@ -90,6 +100,16 @@ async def run_latency(
             return int(await system.redis.llen(key)) >= produced["jobs"]
 
         await wait_until(complete, within=60, what="latency samples", procs=[group])
+        # Redis's time per job during the round (the shared server's other clients included):
+        # at a low rate each script runs with cold caches
+        costs = command_costs(stats0, await system.redis.info("commandstats"), produced["jobs"])
+        redis_time = {
+            "cpu_us_per_job": round(
+                (await redis_cpu_seconds(system.redis) - cpu0) * 1e6 / max(produced["jobs"], 1)
+            ),
+            "usec_per_job": own_usec(costs, system.name),
+            "commands": costs[:6],
+        }
         samples = [float(x) for x in await system.redis.lrange(key, 0, -1)]
         await asyncio.sleep(0.2)
         parts = [json.loads(x) for x in await system.redis.lrange(f"{key}:parts", 0, -1)]
@@ -106,6 +126,7 @@ async def run_latency(
         "p99_ms": round(percentile(samples, 99), 3),
         "max_ms": round(max(samples), 3),
         "samples": len(samples),
+        "redis": redis_time,
         "samples_ms": samples,  # for the phase's pooled p99 (not kept in the JSON)
     }
     to_send = result.pop("to_send_ms", None)
