@@ -726,6 +726,30 @@ async def test_a_take_that_comes_back_short_clears_the_wake_up_markers(
     assert [d.job_id for d in deliveries] == ["t1"]
 
 
+async def test_a_take_promotes_due_delayed_jobs_and_names_the_next_due_time(
+    client: JobScheduler, redis_client: Any
+) -> None:
+    """take.lua reads the first delayed job: none due, nothing is promoted and its due time is
+    the answer; due ones are promoted (and leased in the same call) and the answer is the next
+    one's. A settle that wakes a worker keeps the marker list at its newest 1,000 entries."""
+    queue = client.broker.queue
+    await queue.enqueue("later", b"{}", priority=0, delay_ms=60_000, dedup_ttl_ms=0, fields={})
+    due_at = int(await redis_client.zscore(queue.keys.delayed, "later"))
+    deliveries, next_due = await queue.take("w:a", 5, 30_000)
+    assert (deliveries, next_due) == ([], due_at)
+    await queue.enqueue("soon", b"{}", priority=0, delay_ms=1, dedup_ttl_ms=0, fields={})
+    await asyncio.sleep(0.01)
+    deliveries, next_due = await queue.take("w:b", 5, 30_000)
+    assert ([d.job_id for d in deliveries], next_due) == (["soon"], due_at)
+
+    await queue.enqueue("next", b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={})
+    await redis_client.delete(queue.keys.marker)
+    await redis_client.lpush(queue.keys.marker, *["0"] * 1000)
+    await queue.finish_many([Settlement(deliveries[0], "completed", "null", 0, None, now_ms())])
+    assert await redis_client.llen(queue.keys.marker) == 1000
+    assert await redis_client.lindex(queue.keys.marker, 0) == b"1"  # "next" is waiting
+
+
 async def test_a_worker_at_a_low_rate_asks_redis_once_per_job(
     client: JobScheduler, start_worker: Any, tenant: str
 ) -> None:

@@ -121,12 +121,14 @@ for _, job in ipairs(cjson.decode(ARGV[4])) do
   answers[#answers + 1] = settle(ARGV[3] .. job[1], job[1], job[2], job[3], job[4], job[5],
     job[6], job[7])
 end
+-- The wake-up marker keeps its newest 1,000 entries (LTRIM only when a push made it longer).
+local markers = 0
 if retried then
-  redis.call('LPUSH', KEYS[5], '0')
+  markers = redis.call('LPUSH', KEYS[5], '0')
 end
 if freed and redis.call('ZCARD', KEYS[2]) > 0 then
   -- Jobs are waiting (given back, or skipped while their tenant was at its limit): wake a worker.
-  redis.call('LPUSH', KEYS[5], '1')
+  markers = redis.call('LPUSH', KEYS[5], '1')
 end
-if retried or freed then redis.call('LTRIM', KEYS[5], 0, 999) end
+if markers > 1000 then redis.call('LTRIM', KEYS[5], 0, 999) end
 return answers
