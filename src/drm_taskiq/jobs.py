@@ -651,6 +651,7 @@ def _status_from_row(row: asyncpg.Record) -> JobStatus:
         plugin_id=row["plugin_id"],
         tenant_id=row["tenant_id"],
         job_name=row["job_name"],
+        processed_on=row["started_at"],
     )
 
 
@@ -668,6 +669,7 @@ def _status_from_hash(job_id: str, raw: dict[str, str]) -> JobStatus:
         tenant_id=raw.get("tenant"),
         job_name=raw.get("job"),
         delayed_until=ms_to_datetime(raw.get("due")) if state == "delayed" else None,
+        processed_on=ms_to_datetime(raw.get("processed")),
     )
 
 

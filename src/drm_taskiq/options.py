@@ -262,6 +262,8 @@ class JobStatus:
     tenant_id: str | None = None
     job_name: str | None = None
     delayed_until: datetime | None = None
+    # when the latest attempt started (BullMQ's processedOn); None before the first one
+    processed_on: datetime | None = None
 
 
 @dataclass(slots=True)

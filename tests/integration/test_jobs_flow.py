@@ -55,6 +55,7 @@ async def test_job_runs_and_leaves_one_success_row(
     assert status.progress == {"pct": 100}
     assert status.attempts_made == 1
     assert status.finished_on is not None
+    assert status.processed_on is not None and status.processed_on <= status.finished_on
 
 
 async def _count(db: asyncpg.Pool) -> int:
@@ -92,6 +93,12 @@ async def test_finished_jobs_leave_redis_and_status_comes_from_postgres(
         7,
         {"pct": 100},
     )
+    # the attempt's start, as its plugin_runs row has it (jobs.started_at, migration 0006)
+    started = await db.fetchval(
+        "SELECT executed_at FROM plugin_runs WHERE result->>'jobId' = $1", job_id
+    )
+    assert status.processed_on == started
+    assert status.finished_on is not None and started <= status.finished_on
 
 
 async def test_status_waiting_then_unknown_ids(client: JobScheduler, tenant: str) -> None:
@@ -100,6 +107,7 @@ async def test_status_waiting_then_unknown_ids(client: JobScheduler, tenant: str
     job_id = await client.add_job("testp", "echo", None, tenant_id=tenant)
     status = await client.get_job_status("testp", "echo", job_id)
     assert status is not None and status.state == "waiting" and status.attempts_made == 0
+    assert status.processed_on is None
     assert await client.get_job_status("testp", "echo", "nope") is None
     assert await client.get_job_status("testp", "other", job_id) is None
 
