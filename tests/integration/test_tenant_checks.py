@@ -69,6 +69,20 @@ async def test_deleting_tenants_deletes_their_runs_and_jobs(db: asyncpg.Pool, te
     assert await _count(db, tenant) == (1, 1)
 
 
+async def test_truncating_tenants_empties_runs_and_jobs(db: asyncpg.Pool, tenant: str) -> None:
+    """TRUNCATE tenants needs CASCADE (tenant_plugins and schedules keep their foreign keys)
+    and empties plugin_runs and jobs too, as their foreign keys' cascade did."""
+    await db.execute(RUN, tenant)
+    await db.execute(JOB, tenant, "j")
+    with pytest.raises(asyncpg.FeatureNotSupportedError):
+        await db.execute("TRUNCATE tenants")
+    await db.execute("TRUNCATE tenants CASCADE")
+    assert (
+        await db.fetchval("SELECT (SELECT count(*) FROM plugin_runs) + (SELECT count(*) FROM jobs)")
+        == 0
+    )
+
+
 async def test_a_tenant_with_rows_keeps_its_id(db: asyncpg.Pool) -> None:
     """A tenant's id cannot change while it has runs or jobs (it can without them)."""
     await store.ensure_tenant(db, "runs-only", plugins={})

@@ -9,9 +9,9 @@
 --     tenant does not exist fails the statement with foreign_key_violation (SQLSTATE 23503,
 --     asyncpg.ForeignKeyViolationError), as before;
 --   * deleting tenants deletes their plugin_runs and jobs rows (ON DELETE CASCADE was);
---   * changing the tenant_id of a tenant that has rows there is refused (NO ACTION was).
--- TRUNCATE of tenants stays refused by the foreign keys of tenant_plugins and schedules, which
--- are kept (few rows, written rarely). The functions run as their owner (SECURITY DEFINER):
+--   * changing the tenant_id of a tenant that has rows there is refused (NO ACTION was);
+--   * TRUNCATE tenants (CASCADE: tenant_plugins and schedules keep their foreign keys, few rows
+--     written rarely) empties plugin_runs and jobs too, as the cascade did. The functions run as their owner (SECURITY DEFINER):
 -- plugin code (drm_plugin) inserts plugin_runs rows and has no rights on tenants.
 -- tests/integration/test_tenant_checks.py holds each rule, concurrent deletes included.
 DO $$
@@ -55,6 +55,16 @@ BEGIN
   $f$, schema_name);
 
   EXECUTE format($f$
+    CREATE OR REPLACE FUNCTION %1$I.drm_truncate_tenant_rows() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = %1$I, pg_temp AS $body$
+    BEGIN
+      TRUNCATE plugin_runs, jobs;
+      RETURN NULL;
+    END
+    $body$
+  $f$, schema_name);
+
+  EXECUTE format($f$
     CREATE OR REPLACE FUNCTION %1$I.drm_refuse_tenant_key_change() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = %1$I, pg_temp AS $body$
     BEGIN
@@ -83,6 +93,9 @@ BEGIN
   EXECUTE format('CREATE TRIGGER drm_tenant_rows_cascade AFTER DELETE ON %I.tenants'
                  ' REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT'
                  ' EXECUTE FUNCTION %I.drm_delete_tenant_rows()', schema_name, schema_name);
+  EXECUTE format('CREATE TRIGGER drm_tenant_rows_truncate AFTER TRUNCATE ON %I.tenants'
+                 ' FOR EACH STATEMENT EXECUTE FUNCTION %I.drm_truncate_tenant_rows()',
+                 schema_name, schema_name);
   EXECUTE format('CREATE TRIGGER drm_tenant_key_change AFTER UPDATE OF tenant_id ON %I.tenants'
                  ' FOR EACH ROW WHEN (OLD.tenant_id IS DISTINCT FROM NEW.tenant_id)'
                  ' EXECUTE FUNCTION %I.drm_refuse_tenant_key_change()', schema_name, schema_name);
