@@ -47,18 +47,12 @@ BEGIN
     CREATE OR REPLACE FUNCTION %1$I.drm_delete_tenant_rows() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = %1$I, pg_temp AS $body$
     BEGIN
-      DELETE FROM plugin_runs WHERE tenant_id IN (SELECT o.tenant_id FROM old_rows AS o);
-      DELETE FROM jobs WHERE tenant_id IN (SELECT o.tenant_id FROM old_rows AS o);
-      RETURN NULL;
-    END
-    $body$
-  $f$, schema_name);
-
-  EXECUTE format($f$
-    CREATE OR REPLACE FUNCTION %1$I.drm_truncate_tenant_rows() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = %1$I, pg_temp AS $body$
-    BEGIN
-      TRUNCATE plugin_runs, jobs;
+      IF TG_OP = 'TRUNCATE' THEN
+        TRUNCATE plugin_runs, jobs;
+      ELSE  -- DELETE: old_rows holds the deleted tenants
+        DELETE FROM plugin_runs WHERE tenant_id IN (SELECT o.tenant_id FROM old_rows AS o);
+        DELETE FROM jobs WHERE tenant_id IN (SELECT o.tenant_id FROM old_rows AS o);
+      END IF;
       RETURN NULL;
     END
     $body$
@@ -94,7 +88,7 @@ BEGIN
                  ' REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT'
                  ' EXECUTE FUNCTION %I.drm_delete_tenant_rows()', schema_name, schema_name);
   EXECUTE format('CREATE TRIGGER drm_tenant_rows_truncate AFTER TRUNCATE ON %I.tenants'
-                 ' FOR EACH STATEMENT EXECUTE FUNCTION %I.drm_truncate_tenant_rows()',
+                 ' FOR EACH STATEMENT EXECUTE FUNCTION %I.drm_delete_tenant_rows()',
                  schema_name, schema_name);
   EXECUTE format('CREATE TRIGGER drm_tenant_key_change AFTER UPDATE OF tenant_id ON %I.tenants'
                  ' FOR EACH ROW WHEN (OLD.tenant_id IS DISTINCT FROM NEW.tenant_id)'
