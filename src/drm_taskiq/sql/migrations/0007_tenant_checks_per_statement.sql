@@ -1,6 +1,6 @@
 -- plugin_runs and jobs check their tenant once per statement instead of once per row.
 --
--- Their foreign keys to tenants ran a look-up per inserted row (a fifth of PostgreSQL's time
+-- Their foreign keys to tenants ran a look-up per inserted row (a quarter of PostgreSQL's time
 -- in a run-ledger batch, measured in docs/performance.md). They are replaced by what gives the
 -- same guarantees per statement:
 --   * after an INSERT or UPDATE, the tenants the statement's rows name are locked FOR KEY SHARE
@@ -11,8 +11,9 @@
 --   * deleting tenants deletes their plugin_runs and jobs rows (ON DELETE CASCADE was);
 --   * changing the tenant_id of a tenant that has rows there is refused (NO ACTION was);
 --   * TRUNCATE tenants (CASCADE: tenant_plugins and schedules keep their foreign keys, few rows
---     written rarely) empties plugin_runs and jobs too, as the cascade did. The functions run as their owner (SECURITY DEFINER):
--- plugin code (drm_plugin) inserts plugin_runs rows and has no rights on tenants.
+--     written rarely) empties plugin_runs and jobs too, as the cascade did.
+-- The functions run as their owner (SECURITY DEFINER): plugin code (drm_plugin) inserts
+-- plugin_runs rows and has no rights on tenants.
 -- tests/integration/test_tenant_checks.py holds each rule, concurrent deletes included.
 DO $$
 DECLARE
