@@ -11,7 +11,6 @@ job's own progress (``ctx.update_progress``): in its hash, then in ``jobs.progre
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -30,6 +29,7 @@ from drm_taskiq.settings import Settings
 
 # The job hash's fields a result is built from (finish.lua writes them when a job settles).
 _FIELDS = ("state", "rv", "reason", "processed", "finished")
+_FINISHED = ("completed", "failed")
 
 
 def taskiq_result_json(completed: bool, value: str, execution_time: float) -> str:
@@ -82,17 +82,20 @@ class JobResultBackend(AsyncpgResultBackend):
     async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
         """Nothing to do: the run ledger stores the result with the attempt's row."""
 
-    async def _from_redis(self, task_id: str) -> tuple[bool, str | None]:
-        """(whether the job's hash exists, its result's JSON when it finished). While Redis
-        cannot be reached, (False, None): results already recorded are read from PostgreSQL."""
+    async def _hash_fields(self, task_id: str, *fields: str) -> list[str | None]:
+        """The job hash's ``fields`` as text (None where missing). While Redis cannot be
+        reached, all None, as for a job without a hash: what the ledger recorded is read from
+        PostgreSQL."""
         try:
-            raw = await self.queue.redis.hmget(self.queue.keys.job(task_id), *_FIELDS)
+            raw = await self.queue.redis.hmget(self.queue.keys.job(task_id), *fields)
         except (RedisConnectionError, RedisTimeoutError):
-            return False, None
-        state, rv, reason, processed, finished = (
-            None if v is None else v.decode() if isinstance(v, bytes) else str(v) for v in raw
-        )
-        if state not in ("completed", "failed"):
+            return [None] * len(fields)
+        return [None if v is None else v.decode() if isinstance(v, bytes) else str(v) for v in raw]
+
+    async def _from_redis(self, task_id: str) -> tuple[bool, str | None]:
+        """(whether the job's hash exists, its result's JSON when it finished)."""
+        state, rv, reason, processed, finished = await self._hash_fields(task_id, *_FIELDS)
+        if state not in _FINISHED:
             # waiting, active, delayed (a retry), or no hash (None): not finished in Redis
             return state is not None, None
         try:
@@ -106,9 +109,9 @@ class JobResultBackend(AsyncpgResultBackend):
         """Ready when the job's hash says it finished; while the hash says it has not (a job
         waiting, running or retrying, a failed job retried by hand), not ready, whatever an
         earlier run with this id left in PostgreSQL; without a hash, when its row exists."""
-        exists, result = await self._from_redis(task_id)
-        if exists:
-            return result is not None
+        [state] = await self._hash_fields(task_id, "state")
+        if state is not None:
+            return state in _FINISHED
         return await super().is_result_ready(task_id)
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[Any]:
@@ -142,19 +145,14 @@ class JobResultBackend(AsyncpgResultBackend):
         """The job's progress: from its hash while it has one, else from its ``jobs`` row;
         None when it has none. Progress set by ``ctx.update_progress`` (any JSON value) is the
         ``meta`` of a ``STARTED`` progress."""
-        state: Any = None
-        raw: Any = None
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-            state, raw = await self.queue.redis.hmget(
-                self.queue.keys.job(task_id), "state", "progress"
-            )
+        state, text = await self._hash_fields(task_id, "state", "progress")
         if state is None:  # no hash (or Redis unreachable): what the ledger recorded
-            raw = await self._database_pool.fetchval(
+            text = await self._database_pool.fetchval(
                 "SELECT progress::text FROM jobs WHERE job_id = $1", task_id
             )
-        if raw is None:
+        if text is None:
             return None
-        value = json_or_text(raw.decode() if isinstance(raw, bytes) else raw)
+        value = json_or_text(text)
         if isinstance(value, dict) and value.keys() == {"state", "meta"}:
             return TaskProgress[Any].model_validate(value)
         return TaskProgress[Any](state=TaskState.STARTED, meta=value)
