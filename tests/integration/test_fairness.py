@@ -92,3 +92,35 @@ async def test_tenant_running_limit_across_two_workers(
     assert peak[tenant] == 2
     assert peak["free"] > 2
     assert await client.broker.queue.running_per_tenant() == {}
+
+
+async def test_the_fair_queuing_floor_is_the_highest_time_taken(
+    client: JobScheduler, redis_client: Any
+) -> None:
+    """take.lua raises ``~floor`` to the highest fair-queuing time it leased, never lowers it,
+    and leaves it alone when it leases nothing; a tenant new to the queue starts there."""
+    queue = client.broker.queue
+
+    async def enqueue(job_id: str, tenant_id: str) -> None:
+        await queue.enqueue(
+            job_id, b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={"tenant": tenant_id}
+        )
+
+    async def floor() -> int:
+        return int(await redis_client.hget(queue.keys.fair, "~floor") or 0)
+
+    for i in range(4):
+        await enqueue(f"a{i}", "a")  # times 1..4
+    await enqueue("b0", "b")  # time 1
+    taken, _ = await queue.take("w:1", 3, 30_000)
+    assert [d.job_id for d in taken] == ["a0", "b0", "a1"]
+    assert await floor() == 2
+    await queue.take("w:2", 1, 30_000)  # a2, time 3
+    assert await floor() == 3
+    await redis_client.hset(queue.keys.fair, "~floor", 10)
+    await queue.take("w:3", 1, 30_000)  # a3, time 4: below the floor, which stays
+    assert await floor() == 10
+    assert (await queue.take("w:4", 5, 30_000))[0] == []
+    assert await floor() == 10
+    await enqueue("c0", "c")
+    assert await redis_client.hget(queue.keys.job("c0"), "seq") == b"11"

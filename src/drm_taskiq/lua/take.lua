@@ -51,7 +51,7 @@ else
   for i = 1, #popped, 2 do candidates[#candidates + 1] = popped[i] end
 end
 local deadline = now + tonumber(ARGV[2])
-local floor = tonumber(redis.call('HGET', KEYS[4], '~floor') or '0')
+local top = 0  -- the highest fair-queuing time leased
 local taken = 0
 local removed = {}   -- ids to remove from waiting (limited: the ones not skipped)
 local leased = {}    -- deadline, id pairs for the active set
@@ -91,7 +91,7 @@ for _, id in ipairs(candidates) do
         added[tenant] = added[tenant] + 1
       end
       if running[tenant] ~= nil then running[tenant] = running[tenant] + 1 end
-      floor = math.max(floor, tonumber(f[6] or '0'))
+      top = math.max(top, tonumber(f[6] or '0'))
       out[#out + 1] = id
       out[#out + 1] = f[1]
       out[#out + 1] = f[2]
@@ -106,7 +106,9 @@ batched('ZADD', KEYS[3], leased)
 for _, tenant in ipairs(tenants) do
   redis.call('HINCRBY', KEYS[6], tenant, added[tenant])
 end
-redis.call('HSET', KEYS[4], '~floor', floor)
+if taken > 0 and top > tonumber(redis.call('HGET', KEYS[4], '~floor') or '0') then
+  redis.call('HSET', KEYS[4], '~floor', top)
+end
 local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 -- Every waiting job was looked at (fewer candidates than asked for, or the whole waiting set
 -- fitted in the window) and fewer than asked for were leased: nothing more can be taken now
