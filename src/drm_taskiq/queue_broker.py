@@ -176,7 +176,6 @@ class DrmBroker(ListQueueBroker):
         if not self._started_up:
             return
         self._closing = True
-        await self._withdraw()
         for job_id, delivery in list(self._held.items()):
             if job_id not in self._started:
                 await self._give_back(delivery)
@@ -333,7 +332,6 @@ class DrmBroker(ListQueueBroker):
                     continue
                 yield self._hand_out(buffer.popleft())
         finally:
-            await asyncio.shield(self._withdraw())
             while buffer:
                 await asyncio.shield(self._give_back(buffer.popleft()))
 
@@ -489,18 +487,6 @@ class DrmBroker(ListQueueBroker):
         self._running.pop(job_id, None)
         self._outcomes.pop(job_id, None)
         self._capacity.set()
-
-    async def _withdraw(self) -> None:
-        """No more direct hand-offs to this worker: jobs handed to it since its last wait go
-        back to the queue."""
-        try:
-            handed = await self.queue.withdraw(self.worker_id)
-        except RedisError as exc:  # the registration lapses by itself; leases run out
-            log.warning("handoff_withdraw_failed", error=repr(exc))
-            return
-        for delivery in handed:
-            self._held[delivery.job_id] = delivery
-            await self._give_back(delivery)
 
     async def _give_back(self, delivery: Delivery) -> None:
         """Return a leased job to the waiting list at once (shutdown)."""

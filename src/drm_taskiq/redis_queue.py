@@ -96,20 +96,6 @@ class Delivery:
     created_ms: int
     token: str
 
-    @classmethod
-    def unpack(cls, entry: bytes) -> Delivery:
-        """A delivery handed off by ``add_job.lua`` (its fields joined by newlines, the
-        message last)."""
-        job_id, attempts, stalled, created, token, message = entry.split(b"\n", 5)
-        return cls(
-            job_id=job_id.decode(),
-            message=message,
-            attempts_made=int(attempts),
-            stalled=int(stalled),
-            created_ms=int(created),
-            token=token.decode(),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class EnqueueRequest:
@@ -197,15 +183,6 @@ class QueueKeys:
         return f"{self.base}:marker"
 
     @property
-    def idle(self) -> str:
-        """Idle workers registered for a direct hand-off (see ``add_job.lua``)."""
-        return f"{self.base}:idle"
-
-    def handoff(self, worker: str) -> str:
-        """The list a worker's handed-off jobs arrive on."""
-        return f"{self.base}:to:{worker}"
-
-    @property
     def ledger(self) -> str:
         return f"{self.base}:ledger"
 
@@ -251,11 +228,6 @@ def _load_scripts(redis: Redis) -> dict[str, AsyncScript]:
     return scripts
 
 
-# How long an idle worker's registration for a direct hand-off outlives the wait it was made
-# for: a worker that died while waiting gets no job after that (see add_job.lua).
-REGISTRATION_MARGIN_MS = 2000
-
-
 # Connections a queue keeps per script (``_run_kept``): concurrent producers in one process
 # each get one, up to this many; the broker's pool has at least 50.
 KEPT_PER_SCRIPT = 8
@@ -272,8 +244,6 @@ class RedisQueue:
         # it keeps in all (see _run_kept)
         self._kept: dict[str, list[_KeptConnection]] = {}
         self._kept_count: dict[str, int] = {}
-        # worker -> its registration for a direct hand-off that may still hold (add_job.lua)
-        self._registered: dict[str, str] = {}
 
     def _enqueue_call(self, request: EnqueueRequest, now: int) -> tuple[list[str], list[Any]]:
         return self._enqueue_args(
@@ -429,46 +399,31 @@ class RedisQueue:
     ) -> tuple[list[Delivery], int | None]:
         """Lease up to ``count`` jobs, at most ``tenant_limit`` running per tenant (0 = no
         limit; per-tenant overrides in the limits hash); also returns when the next delayed
-        job is due (ms). Jobs handed off to this worker (the token's part before its last
-        colon) since its last :meth:`wait_and_take` are returned too."""
-        worker = _worker(token)
-        previous = self._registered.pop(worker, "")
-        raw, next_due, handed, _ = await self._scripts["take"](
-            keys=self._take_keys(worker),
-            args=self._take_args(
-                token, count, lease_ms, tenant_limit, register_until=0, previous=previous
-            ),
+        job is due (ms)."""
+        raw, next_due = await self._scripts["take"](
+            keys=self._take_keys, args=self._take_args(token, count, lease_ms, tenant_limit)
         )
-        return self._deliveries(raw, handed, token), _due(next_due)
+        return self._deliveries(raw, next_due, token)
 
     async def wait_and_take(
         self, timeout_s: float, token: str, count: int, lease_ms: int, tenant_limit: int = 0
     ) -> tuple[list[Delivery], int | None]:
-        """:meth:`take`; when that finds nothing, wait up to ``timeout_s`` for a job, in the
-        same round trip.
+        """Wait for a wake-up marker (BLPOP), then :meth:`take`, in one round trip.
 
-        The take registers the worker as idle, and the wait (BLPOP) is on the worker's own
-        hand-off list and on the wake-up marker: a job enqueued meanwhile is leased to the
-        worker by ``enqueue.lua`` and arrives as BLPOP's answer (no take on its way); a
-        marker (a delayed job due, a retry, ...) or the timeout ends the wait with nothing,
-        and the next take takes what it announced. A take that leases something makes the
-        BLPOP return at once. The registration holds until ``timeout_s`` plus
-        :data:`REGISTRATION_MARGIN_MS` after the call; the next take withdraws it."""
-        worker = _worker(token)
-        previous = self._registered.pop(worker, "")
-        keys = self._take_keys(worker)
-        until = now_ms() + int(max(timeout_s, 0.01) * 1000) + REGISTRATION_MARGIN_MS
+        Redis runs the take as soon as the wait ends (a marker arrived, or the timeout passed),
+        so an idle worker starts a new job one round trip sooner than with two calls. The
+        take's "now" is the time the call was sent: a delayed job that fell due during the wait
+        is promoted by the next take, and the lease is at most ``timeout_s`` shorter."""
+        keys = self._take_keys
         commands: list[tuple[Any, ...]] = [
+            ("BLPOP", self.keys.marker, max(timeout_s, 0.01)),
             (
                 "EVALSHA",
                 self._scripts["take"].sha,
                 len(keys),
                 *keys,
-                *self._take_args(
-                    token, count, lease_ms, tenant_limit, register_until=until, previous=previous
-                ),
+                *self._take_args(token, count, lease_ms, tenant_limit),
             ),
-            ("BLPOP", keys[8], self.keys.marker, max(timeout_s, 0.01)),
         ]
 
         async def through_pool() -> list[Any]:
@@ -477,83 +432,28 @@ class RedisQueue:
                     pipe.execute_command(*command)
                 return await pipe.execute(raise_on_error=False)
 
-        # Known before the answer comes: a withdrawal meanwhile (a worker stopping while it
-        # waits) ends the registration in Redis. Dropped below once it is known to be gone.
-        member = self._registered[worker] = f"{lease_ms} {token}"
         # a kept connection: no pipeline object and no pool round per wait (an idle worker
         # waits once per job)
-        answer, popped = await self._on_kept(
-            "wait", lambda kept: kept.pipeline(commands), through_pool
-        )
-        if isinstance(popped, Exception):
-            raise popped
-        got: list[Delivery] = []
-        if popped and popped[0] != self.keys.marker.encode() and popped[1]:
-            got.append(Delivery.unpack(popped[1]))  # handed off: the registration is used up
+        _, answer = await self._on_kept("wait", lambda kept: kept.pipeline(commands), through_pool)
         if isinstance(answer, NoScriptError):  # the script cache was flushed (server restart)
-            # nothing was registered; the previous registration, if any, is withdrawn by
-            # the take below (which loads the script again)
-            self._registered[worker] = previous
-            deliveries, next_due = await self.take(token, count, lease_ms, tenant_limit)
-            return got + deliveries, next_due
+            return await self.take(token, count, lease_ms, tenant_limit)
         if isinstance(answer, Exception):
             raise answer
-        raw, next_due, handed, registered = answer
-        if (got or not registered) and self._registered.get(worker) == member:
-            del self._registered[worker]
-        return self._deliveries(raw, handed, token) + got, _due(next_due)
+        raw, next_due = answer
+        return self._deliveries(raw, next_due, token)
 
-    async def withdraw(self, worker: str) -> list[Delivery]:
-        """End ``worker``'s registration for a direct hand-off (shutdown): the jobs handed to it
-        meanwhile are returned, leased to it; none arrive after this."""
-        previous = self._registered.pop(worker, "")
-        if not previous:
-            return []
-        list_key = self.keys.handoff(worker)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.keys.idle, previous)
-            pipe.lrange(list_key, 0, -1)
-            pipe.delete(list_key)
-            _, handed, _ = await pipe.execute()
-        return [Delivery.unpack(entry) for entry in handed if entry]
-
-    def _take_keys(self, worker: str) -> list[str]:
+    @property
+    def _take_keys(self) -> list[str]:
         k = self.keys
-        return [
-            k.wait,
-            k.delayed,
-            k.active,
-            k.fair,
-            k.marker,
-            k.running,
-            k.limits,
-            k.idle,
-            k.handoff(worker),
-        ]
+        return [k.wait, k.delayed, k.active, k.fair, k.marker, k.running, k.limits]
 
     def _take_args(
-        self,
-        token: str,
-        count: int,
-        lease_ms: int,
-        tenant_limit: int,
-        *,
-        register_until: int,
-        previous: str,
+        self, token: str, count: int, lease_ms: int, tenant_limit: int
     ) -> list[str | int]:
-        return [
-            now_ms(),
-            lease_ms,
-            token,
-            count,
-            self.keys.job_prefix,
-            tenant_limit,
-            register_until,
-            previous,
-        ]
+        return [now_ms(), lease_ms, token, count, self.keys.job_prefix, tenant_limit]
 
     @staticmethod
-    def _deliveries(raw: Any, handed: Any, token: str) -> list[Delivery]:
+    def _deliveries(raw: Any, next_due: Any, token: str) -> tuple[list[Delivery], int | None]:
         deliveries = [
             Delivery(
                 job_id=_text(raw[i]),
@@ -565,8 +465,7 @@ class RedisQueue:
             )
             for i in range(0, len(raw), 5)
         ]
-        deliveries.extend(Delivery.unpack(entry) for entry in handed)
-        return deliveries
+        return deliveries, (int(float(next_due)) if next_due else None)
 
     async def finish(
         self,
@@ -834,15 +733,6 @@ async def _send(connection: Connection, command: list[bytes]) -> None:
 # redis-py before 5.3 wants a command name in ConnectionPool.get_connection (later: deprecated)
 _NAME = inspect.signature(ConnectionPool.get_connection).parameters.get("command_name")
 _GET_CONNECTION_ARGS = ("EVALSHA",) if _NAME is not None and _NAME.default is _NAME.empty else ()
-
-
-def _worker(token: str) -> str:
-    """The worker a lease token belongs to ("<worker id>:<take number>")."""
-    return token.rpartition(":")[0]
-
-
-def _due(value: Any) -> int | None:
-    return int(float(value)) if value else None
 
 
 def _flatten(fields: dict[str, str]) -> list[str]:

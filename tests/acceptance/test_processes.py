@@ -177,63 +177,6 @@ async def test_sigterm_finishes_running_jobs_and_returns_the_rest(
     assert Counter(e["job_id"] for e in await fetch_events(db, "sleep")) == Counter(ids)
 
 
-async def test_a_job_handed_to_a_worker_killed_while_it_waited_runs_once_elsewhere(
-    procs: Processes,
-    accept_client: JobScheduler,
-    db: asyncpg.Pool,
-    accept_tenant: str,
-    redis_client: aioredis.Redis,
-    keys: QueueKeys,
-) -> None:
-    """Direct hand-off to a dead worker: an idle worker registers for a hand-off and is
-    SIGKILLed; a job enqueued before its registration lapses is leased to it and pushed onto
-    its list. Nothing is lost: when the lease runs out another worker's stalled check puts it
-    back, and it runs exactly once."""
-    victim = await procs.ready_worker(DRM_LEASE_MS=2000)
-    registered = await wait_until(
-        lambda: redis_client.zrange(keys.idle, 0, -1),
-        timeout=10,
-        procs=[victim],
-        what="the idle worker's registration",
-    )
-    victim.killpg(signal.SIGKILL)
-    assert await wait_exit(victim, timeout=5) == -signal.SIGKILL
-    [job_id] = await _add(accept_client, accept_tenant, "echo", [{"n": 1}])
-    job = await redis_client.hgetall(keys.job(job_id))
-    assert job[b"state"] == b"active"  # handed off to the dead worker
-    assert registered[0].endswith(b" " + job[b"token"])
-
-    survivor = await procs.ready_worker(DRM_STALLED_INTERVAL_MS=300)
-    await wait_until(_completed(db, 1), timeout=30, procs=[survivor], what="the job completed")
-    await asyncio.sleep(0.5)  # let any duplicate show up
-    assert [(e["job_id"], e["action"]) for e in survivor.events("job_stalled")] == [
-        (job_id, "requeued")
-    ]
-    runs = await fetch_runs(db)
-    assert [(run["job_id"], run["status"]) for run in runs] == [(job_id, "success")]
-    assert Counter(e["job_id"] for e in await fetch_events(db, "echo")) == Counter([job_id])
-
-
-async def test_sigterm_while_idle_withdraws_the_hand_off_registration(
-    procs: Processes,
-    accept_client: JobScheduler,
-    accept_tenant: str,
-    redis_client: aioredis.Redis,
-    keys: QueueKeys,
-) -> None:
-    """A worker stopped while it waits leaves no registration behind: the next job waits for
-    the next worker instead of being handed to the stopped one."""
-    worker = await procs.ready_worker()
-    await wait_until(
-        lambda: redis_client.zcard(keys.idle), timeout=10, procs=[worker], what="registration"
-    )
-    worker.send(signal.SIGTERM)
-    assert await wait_exit(worker, timeout=15) == 0
-    assert await redis_client.zcard(keys.idle) == 0
-    [job_id] = await _add(accept_client, accept_tenant, "echo", [{"n": 2}])
-    assert await redis_client.hget(keys.job(job_id), "state") == b"waiting"
-
-
 async def _fresh_worker_completes_each_once(
     procs: Processes, db: asyncpg.Pool, ids: list[str]
 ) -> Proc:

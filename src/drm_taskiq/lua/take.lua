@@ -1,35 +1,16 @@
 -- Promote due delayed jobs, then lease up to N waiting jobs, lowest (priority, fair time) first,
 -- skipping tenants that already run as many jobs as their limit allows.
 -- KEYS: 1 wait zset, 2 delayed zset, 3 active zset, 4 fair-queuing times (hash), 5 marker list,
---       6 jobs running per tenant (hash), 7 per-tenant running limits (hash),
---       8 idle workers' registrations (zset), 9 this worker's hand-off list (see add_job.lua)
+--       6 jobs running per tenant (hash), 7 per-tenant running limits (hash)
 -- ARGV: 1 now (ms), 2 lease (ms), 3 lease token, 4 max jobs, 5 job key prefix,
---       6 default running limit per tenant (0 = none), 7 register: until when a registration
---       made by this call holds (ms; 0 = do not register), 8 this worker's previous
---       registration ('' = none)
+--       6 default running limit per tenant (0 = none)
 -- (vtime() comes from fair.lua.)
--- Returns {{id, msg, attempts, stalled, created ts, ...}, next delayed due time (ms) or false,
---          {delivery handed off, ...}, 1 if this call registered the worker for a hand-off}
--- With a previous registration, it is withdrawn first and the deliveries handed off under it
--- since the worker's last wait are returned (they are leased to it already). With ARGV[7], a
--- call that leases nothing, and finds nothing handed off, registers the worker (when no
--- running limits apply: a hand-off does not check them) for the BLPOP the caller sends next;
--- one that does lease pushes an empty entry onto the worker's list, so that BLPOP returns at
--- once.
+-- Returns {{id, msg, attempts, stalled, created ts, ...}, next delayed due time (ms) or false}
 -- The sorted-set and per-tenant counter updates are batched: one ZADD/ZREM per key and one
 -- HINCRBY per tenant, after the per-job loop (the script reads none of them in between: the
 -- running counts of limited tenants are read once and kept up to date here).
 local now = tonumber(ARGV[1])
 local prefix = ARGV[5]
-
-local handed = {}
-if ARGV[8] ~= '' then
-  redis.call('ZREM', KEYS[8], ARGV[8])
-  for _, entry in ipairs(redis.call('LRANGE', KEYS[9], 0, -1)) do
-    if entry ~= '' then handed[#handed + 1] = entry end
-  end
-  redis.call('DEL', KEYS[9])
-end
 
 -- One command per up to 1000 items (Lua's unpack() has a stack limit).
 local function batched(cmd, key, items)
@@ -140,15 +121,4 @@ local examined_all = #due < 1000 and (
 if #out == 0 or (taken < max and examined_all) then
   redis.call('DEL', KEYS[5])
 end
-local registered = 0
-if ARGV[7] ~= '0' then
-  if #out > 0 or #handed > 0 then
-    redis.call('LPUSH', KEYS[9], '')
-    redis.call('PEXPIRE', KEYS[9], ARGV[2])
-  elseif not limited then
-    redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', '(' .. ARGV[1])  -- lapsed registrations
-    redis.call('ZADD', KEYS[8], ARGV[7], ARGV[2] .. ' ' .. ARGV[3])
-    registered = 1
-  end
-end
-return {out, nxt[2] or false, handed, registered}
+return {out, nxt[2] or false}
