@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 DASH = "-"
@@ -46,32 +47,43 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     phases = results.get("phases", {})
 
-    def ratio_target(name: str, drm: Any, plain: Any, need: float) -> None:
-        ratio = _ratio(drm, plain)
+    def ratio_target(name: str, phase: str, key: str, need: float) -> None:
+        drm, plain = _get(phases, phase, "drm", key), _get(phases, phase, "plain", key)
+        ratio = _ratio(_get(drm, "rate"), _get(plain, "rate"))
         if ratio is None:
             out.append({"target": name, "met": None, "detail": "not measured"})
             return
         met = ratio >= need
-        detail = f"{ratio:.2f}x (target >= {need:g}x)"
+        detail = f"{ratio:.2f}x (target >= {need:g}x; the best rounds)"
         if not met:
             detail += (
                 f": drm-taskiq must become {need / ratio:.2f}x faster"
                 f" (+{(need / ratio - 1) * 100:.0f}%)"
             )
+        # the rounds ran interleaved (plain taskiq's, then drm-taskiq's): their ratios one by one
+        # show what the best-of-rounds ratio hides (one system's outlier round)
+        pairs = list(
+            zip(
+                _get(drm, "rates_all_rounds") or [],
+                _get(plain, "rates_all_rounds") or [],
+                strict=False,
+            )
+        )
+        per_round = [d / p for d, p in pairs if d and p]
+        if len(per_round) > 1:
+            each = " / ".join(f"{r:.2f}x" for r in per_round)
+            detail += f"; round by round {each} (median {statistics.median(per_round):.2f}x)"
         out.append({"target": name, "met": met, "ratio": round(ratio, 3), "detail": detail})
 
     for workers in ("1", "2"):
         ratio_target(
-            f"drain rate, {workers} worker process(es) >= 1.2x plain taskiq",
-            _get(phases, "drain", "drm", workers, "rate"),
-            _get(phases, "drain", "plain", workers, "rate"),
-            1.2,
+            f"drain rate, {workers} worker process(es) >= 1.2x plain taskiq", "drain", workers, 1.2
         )
     for producers in ("1", "32"):
         ratio_target(
             f"enqueue rate, {producers} producer(s) >= 1.0x plain taskiq",
-            _get(phases, "enqueue", "drm", producers, "rate"),
-            _get(phases, "enqueue", "plain", producers, "rate"),
+            "enqueue",
+            producers,
             1.0,
         )
     p99 = _get(phases, "latency", "drm", "p99_ms")
