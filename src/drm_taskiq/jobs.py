@@ -275,13 +275,26 @@ class JobScheduler:
             # PostgreSQL is away: keep using what we knew rather than failing every job.
             log.warning("tenant_config_stale", tenant_id=tenant_id, error=repr(exc))
             return None if hit[1] is None else dict(hit[1])
-        config = None if raw is None else json.loads(raw)
-        if config:
-            redaction.remember(redaction.secret_values(config))
+        config = _stored_config(raw)
         if len(self._configs) > 10_000:
             self._configs.clear()
         self._configs[key] = (now, config)
         return None if config is None else dict(config)
+
+    async def _unloading_config(self, tenant_id: str, plugin_id: str) -> dict[str, Any] | None:
+        """The configuration ``on_unload`` gets: the tenant's row as it is, enabled or not (a
+        plugin is mostly unloaded because a tenant disabled it); None when the row or the
+        tenant is gone, or PostgreSQL cannot be reached."""
+        try:
+            raw = await self.pool.fetchval(
+                "SELECT config FROM tenant_plugins WHERE tenant_id = $1 AND plugin_id = $2",
+                tenant_id,
+                plugin_id,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("tenant_config_unavailable", tenant_id=tenant_id, error=repr(exc))
+            return None
+        return _stored_config(raw)
 
     def forget_cached(self) -> None:
         """Drop cached tenant configs and tenant checks (they are otherwise reused for 5 s)."""
@@ -293,7 +306,10 @@ class JobScheduler:
         function = plugin.on_load if hook == "on_load" else plugin.on_unload
         if function is None:
             return
-        config = await self.tenant_config(tenant_id, plugin.id)
+        if hook == "on_load":
+            config = await self.tenant_config(tenant_id, plugin.id)
+        else:
+            config = await self._unloading_config(tenant_id, plugin.id)
         ctx = create_plugin_context(plugin.id, tenant_id, scheduler=self, config=config or {})
         try:
             await function(ctx)
@@ -768,3 +784,11 @@ async def close_scheduler() -> None:
     if _global is not None:
         await _global.close()
         _global = None
+
+
+def _stored_config(raw: str | None) -> dict[str, Any] | None:
+    """A ``tenant_plugins.config`` as read; its secret values are remembered for redaction."""
+    config: dict[str, Any] | None = None if raw is None else json.loads(raw)
+    if config:
+        redaction.remember(redaction.secret_values(config))
+    return config

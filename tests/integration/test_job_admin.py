@@ -314,14 +314,17 @@ async def test_a_plugin_disabled_for_a_tenant_at_run_time_is_unloaded_for_it(
         calls.append(("load", ctx.tenant_id))
         await ctx.scheduler.register_job("toggled", "nightly", work, {"cron": "0 2 * * *"})
 
+    configs: list[dict[str, Any]] = []
+
     async def on_unload(ctx: Any) -> None:
         calls.append(("unload", ctx.tenant_id))
+        configs.append(dict(ctx.config))
 
     plugin = define_plugin(
         id="toggled", name="t", version="1", on_load=on_load, on_unload=on_unload
     )
     await store.ensure_tenant(db, tenant, plugins={"toggled": {}})
-    await store.ensure_tenant(db, "globex", plugins={"toggled": {}})
+    await store.ensure_tenant(db, "globex", plugins={"toggled": {"region": "eu"}})
 
     async def scheduled() -> list[str]:
         rows = await db.fetch(
@@ -338,6 +341,7 @@ async def test_a_plugin_disabled_for_a_tenant_at_run_time_is_unloaded_for_it(
         )
         assert await s.sync_plugins() == 0  # nothing loaded; one unloaded
         assert calls == [("unload", "globex")]
+        assert configs == [{"region": "eu"}]  # the configuration it was loaded with
         assert await scheduled() == [tenant]
         assert await s.sync_plugins() == 0
         assert calls == [("unload", "globex")]  # once
