@@ -63,7 +63,7 @@ WITH runs AS (
 INSERT INTO jobs (job_id, queue, plugin_id, tenant_id, job_name, state, attempts_made, progress,
                   returnvalue, failed_reason, created_at, finished_at, message, generation,
                   started_at)
-SELECT j->>0, $2, j->>1, j->>2, j->>3, j->>4, (j->>5)::int, (j->>6)::jsonb, (j->>7)::jsonb,
+SELECT j->>0, $2, j->>1, j->>2, j->>3, j->>4, (j->>5)::int, (j->>6)::jsonb, (j->>7)::json,
        j->>8, (j->>9)::timestamptz, (j->>10)::timestamptz, j->>11, (j->>12)::int,
        (j->>13)::timestamptz
 FROM jsonb_array_elements($3::jsonb) AS j
