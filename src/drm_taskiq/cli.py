@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--delay", type=int, metavar="MS", help="milliseconds before it may run")
     enqueue.add_argument("--job-id", help="caller-chosen id (deduplicates)")
 
+    commands.add_parser(
+        "queue", help="print the queue at a glance as JSON (jobs per state, ledger, dead letters)"
+    )
     status = commands.add_parser("status", help="print a job's status as JSON")
     status.add_argument("plugin", metavar="PLUGIN")
     status.add_argument("job", metavar="JOB")
@@ -282,6 +285,21 @@ async def _status(_: Settings, args: argparse.Namespace) -> int:
         print(f"error: no job {args.job_id!r} for {args.plugin}:{args.job}", file=sys.stderr)
         return 1
     print(json.dumps(dataclasses.asdict(status), default=str, indent=2))
+    return 0
+
+
+async def _queue(settings: Settings, _: argparse.Namespace) -> int:
+    """``RedisQueue.stats`` (Redis only: no plugins are loaded, PostgreSQL is not needed)."""
+    from redis.asyncio import Redis  # noqa: PLC0415
+
+    from drm_taskiq.redis_queue import RedisQueue  # noqa: PLC0415
+
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        stats = await RedisQueue(redis, settings.key_prefix, settings.queue).stats()
+    finally:
+        await redis.aclose()
+    print(json.dumps(stats, indent=2))
     return 0
 
 
@@ -477,6 +495,7 @@ _COMMANDS = {
     "runs": _runs,
     "enqueue": _enqueue,
     "status": _status,
+    "queue": _queue,
     "failed": _failed,
     "retry": _retry,
     "dead": _dead,

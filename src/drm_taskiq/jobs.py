@@ -629,6 +629,16 @@ class JobScheduler:
         )
         return [_status_from_row(row) for row in rows]
 
+    async def queue_stats(self) -> dict[str, Any]:
+        """The queue at a glance (``drm-taskiq queue``): ``waiting``, ``delayed`` and ``active``
+        jobs; ``next_waiting_age_ms``, how long the job first in line has waited (None when
+        none waits); ``next_delayed_due_in_ms`` (negative when it is overdue: every worker is
+        busy); ``running_per_tenant``; ``ledger``: ``unwritten`` entries (settled attempts not
+        yet in ``plugin_runs``), ``being_written`` (read by a writer, not committed yet),
+        ``dedicated_writer`` (a scheduler or ``drm-taskiq ledger`` writes); ``dead`` letters;
+        ``paused`` (tenant, plugin) pairs. Raises ``RedisError`` when Redis is unreachable."""
+        return await self.broker.queue.stats()
+
     async def list_dead(self, *, limit: int = 100) -> list[dict[str, str]]:
         """Dead-lettered jobs (their message could not be decoded, or no worker that took them
         had their task registered), oldest first: ``id``, ``state`` (``failed`` until retried;

@@ -643,6 +643,55 @@ class RedisQueue:
             removed, _ = await pipe.execute()
         return bool(removed)
 
+    async def stats(self) -> dict[str, Any]:
+        """The queue at a glance, for operators and health checks (one round trip, plus one
+        for the age of the job first in line): jobs waiting, delayed and leased; how long the
+        job first in line (the next one a worker takes) has waited; when the next delayed job
+        is due; jobs running per tenant; the run ledger's entries not yet written to PostgreSQL
+        and how many of them a writer has read; whether a dedicated ledger writer runs; dead
+        letters; (tenant, plugin) pairs paused by the circuit breaker."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(k.wait)
+            pipe.zcard(k.delayed)
+            pipe.zcard(k.active)
+            pipe.zrange(k.wait, 0, 0)
+            pipe.zrange(k.delayed, 0, 0, withscores=True)
+            pipe.hgetall(k.running)
+            pipe.xlen(k.ledger)
+            pipe.xpending(k.ledger, LEDGER_GROUP)
+            pipe.exists(k.ledger_writer)
+            pipe.llen(k.dead)
+            pipe.scard(k.paused)
+            replies = await pipe.execute(raise_on_error=False)
+        waiting, delayed, active, head, due, running, entries, pending, writer, dead, paused = (
+            replies
+        )
+        for reply in replies:
+            if isinstance(reply, Exception) and reply is not pending:
+                raise reply
+        now = now_ms()
+        head_ts = await self.redis.hget(k.job(_text(head[0])), "ts") if head else None
+        return {
+            "queue": self.keys.queue,
+            "waiting": waiting,
+            "delayed": delayed,
+            "active": active,
+            "next_waiting_age_ms": max(now - _int(head_ts), 0) if head_ts else None,
+            "next_delayed_due_in_ms": int(due[0][1]) - now if due else None,
+            "running_per_tenant": {
+                _text(tenant): int(n) for tenant, n in running.items() if int(n) > 0
+            },
+            "ledger": {
+                "unwritten": entries,
+                # no consumer group yet (no writer ever ran): an error reply, nothing read
+                "being_written": 0 if isinstance(pending, Exception) else pending["pending"],
+                "dedicated_writer": bool(writer),
+            },
+            "dead": dead,
+            "paused": paused,
+        }
+
     async def counts(self) -> dict[str, int]:
         """How many jobs are waiting, delayed and active."""
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from drm_taskiq import JobScheduler, define_plugin, store
 from drm_taskiq.cron import CronEngine
 from drm_taskiq.errors import UnknownJobError
+from drm_taskiq.redis_queue import LEDGER_GROUP, Settlement, now_ms
 from drm_taskiq.settings import Settings
 from tests.conftest import started_client, wait_for
 from tests.support.processes import binary, process_env
@@ -417,3 +418,56 @@ async def test_add_job_knows_a_plugin_enabled_after_the_client_started(
         for job_id in ids:
             status = await client.get_job_status("late", "w", job_id)
             assert status is not None and status.state == "waiting"
+
+
+async def test_queue_stats_show_the_queue_at_a_glance(
+    client: JobScheduler, redis_client: Any, settings: Settings, tenant: str
+) -> None:
+    """queue_stats (and ``drm-taskiq queue``, which needs Redis only): jobs per state, the age
+    of the job first in line, the next delayed job's due time, running jobs per tenant, the
+    ledger's unwritten and read entries, dead letters and paused plugins."""
+    queue = client.broker.queue
+    empty = await client.queue_stats()
+    assert empty == {
+        "queue": settings.queue,
+        "waiting": 0,
+        "delayed": 0,
+        "active": 0,
+        "next_waiting_age_ms": None,
+        "next_delayed_due_in_ms": None,
+        "running_per_tenant": {},
+        "ledger": {"unwritten": 0, "being_written": 0, "dedicated_writer": False},
+        "dead": 0,
+        "paused": 0,
+    }
+
+    async def enqueue(job_id: str, delay_ms: int = 0) -> None:
+        await queue.enqueue(
+            job_id, b"{}", priority=0, delay_ms=delay_ms, dedup_ttl_ms=0, fields={"tenant": tenant}
+        )
+
+    for job_id in ("a", "b", "c"):
+        await enqueue(job_id)
+    await enqueue("later", delay_ms=60_000)
+    [taken], _ = await queue.take("w:1", 1, 30_000)
+    await queue.finish_many([Settlement(taken, "completed", "null", 0, None, now_ms())])
+    [running], _ = await queue.take("w:2", 1, 30_000)
+    await asyncio.sleep(0.05)
+    await redis_client.rpush(queue.keys.dead, "x")
+    await redis_client.sadd(queue.keys.paused, f"{tenant}:testp")
+    stats = await client.queue_stats()
+    assert (stats["waiting"], stats["delayed"], stats["active"]) == (1, 1, 1)
+    assert 50 <= stats["next_waiting_age_ms"] < 60_000  # "c" has waited since it was enqueued
+    assert 0 < stats["next_delayed_due_in_ms"] <= 60_000
+    assert stats["running_per_tenant"] == {tenant: 1}
+    assert stats["ledger"] == {"unwritten": 1, "being_written": 0, "dedicated_writer": False}
+    assert (stats["dead"], stats["paused"]) == (1, 1)
+    assert running.job_id == "b"
+
+    # a writer has read the entry and not written it yet
+    await redis_client.xgroup_create(queue.keys.ledger, LEDGER_GROUP, id="0", mkstream=True)
+    await redis_client.xreadgroup(LEDGER_GROUP, "w", {queue.keys.ledger: ">"}, count=10)
+    await redis_client.set(queue.keys.ledger_writer, "w", px=5000)
+    printed = json.loads("\n".join(_cli(settings, "queue")))
+    assert printed["ledger"] == {"unwritten": 1, "being_written": 1, "dedicated_writer": True}
+    assert (printed["waiting"], printed["active"]) == (1, 1)

@@ -179,7 +179,7 @@ def test_format_runs_without_rows() -> None:
 
 
 def test_admin_commands_parse() -> None:
-    """failed, retry, dead, schedules, paused and resume parse their arguments."""
+    """failed, retry, dead, schedules, paused, resume and queue parse their arguments."""
     from drm_taskiq.cli import build_parser
 
     parser = build_parser()
@@ -195,3 +195,6 @@ def test_admin_commands_parse() -> None:
     assert parser.parse_args(["paused"]).tenant is None
     args = parser.parse_args(["resume", "example", "--tenant", "acme"])
     assert (args.plugin, args.tenant) == ("example", "acme")
+    assert parser.parse_args(["queue"]).command == "queue"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["queue", "extra"])  # it takes no arguments
