@@ -18,7 +18,7 @@ from drm_taskiq.errors import (
 )
 from drm_taskiq.hooks import HookRegistry
 from drm_taskiq.jobs import Job, JobScheduler, TenantScheduler, close_scheduler, get_scheduler
-from drm_taskiq.options import Backoff, JobMetadata, JobOptions, JobStatus
+from drm_taskiq.options import Backoff, JobEvent, JobMetadata, JobOptions, JobStatus
 from drm_taskiq.plugins import Plugin, define_plugin
 from drm_taskiq.runlog import log_plugin_run
 from drm_taskiq.settings import Settings, load_settings
@@ -34,6 +34,7 @@ __all__ = [
     "HookRegistry",
     "InvalidInputError",
     "Job",
+    "JobEvent",
     "JobMetadata",
     "JobOptions",
     "JobScheduler",

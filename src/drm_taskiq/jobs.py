@@ -32,6 +32,7 @@ from drm_taskiq.options import (
     LABEL_DEDUP,
     LABEL_PRIORITY,
     LABEL_RUN_TIMEOUT,
+    JobEvent,
     JobOptions,
     JobStatus,
     check_id,
@@ -51,6 +52,7 @@ log = structlog.get_logger()
 CONFIG_CACHE_S = 5.0  # how long a tenant's plugin config is reused before re-reading it
 
 JobHandler = Callable[[PluginContext, "Job"], Awaitable[Any]]
+JobEventHandler = Callable[[PluginContext, JobEvent], Awaitable[Any]]
 
 
 @dataclass(slots=True)
@@ -78,6 +80,8 @@ class JobDefinition:
     job_name: str
     handler: JobHandler
     options: JobOptions
+    on_completed: JobEventHandler | None = None
+    on_failed: JobEventHandler | None = None
 
 
 class JobScheduler:
@@ -97,6 +101,7 @@ class JobScheduler:
         self._synced_on_demand_at = float("-inf")
         self._sync_lock = asyncio.Lock()
         broker.task_appeared = self._task_appeared
+        broker.on_job_event = self._run_job_event
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -331,9 +336,16 @@ class JobScheduler:
         options: JobOptions | Mapping[str, Any] | None = None,
         *,
         tenant_id: str | None = None,
+        on_completed: JobEventHandler | None = None,
+        on_failed: JobEventHandler | None = None,
     ) -> None:
         """Register ``handler`` as task ``plugin:{plugin_id}:{job_name}``; with ``cron``, also
-        upsert the tenant's schedule (a cron job needs a tenant)."""
+        upsert the tenant's schedule (a cron job needs a tenant).
+
+        ``on_completed(ctx, event)`` and ``on_failed(ctx, event)`` (a :class:`JobEvent`) run in
+        the worker after an attempt's outcome is recorded: the job completed; an attempt failed
+        (``event.state`` ``retrying`` when another is due, ``failed`` when it was the last),
+        with the context of the job's tenant, as the handler's."""
         check_id(plugin_id, "plugin_id")
         check_id(job_name, "job_name")
         opts = JobOptions.coerce(options)
@@ -343,6 +355,11 @@ class JobScheduler:
                 "must be an async function (async def handler(ctx, job)); synchronous handlers"
                 " cannot be interrupted by the timeout",
             )
+        for field_name, callback in (("on_completed", on_completed), ("on_failed", on_failed)):
+            if callback is not None and not inspect.iscoroutinefunction(callback):
+                raise InvalidInputError(
+                    field_name, "must be an async function (async def callback(ctx, event))"
+                )
         self._check_limits(opts)
         if opts.cron is not None and tenant_id is None:
             raise InvalidInputError("tenant_id", "a cron job needs a tenant (use ctx.scheduler)")
@@ -352,7 +369,13 @@ class JobScheduler:
                 raise UnknownTenantError("tenant_id", f"tenant {tenant_id!r} does not exist")
             await self._check_schedule_limit(tenant_id, plugin_id, job_name)
         name = task_name(plugin_id, job_name)
-        self.jobs[(plugin_id, job_name)] = JobDefinition(plugin_id, job_name, handler, opts)
+        self.jobs[(plugin_id, job_name)] = JobDefinition(
+            plugin_id, job_name, handler, opts, on_completed, on_failed
+        )
+        if on_completed is not None or on_failed is not None:
+            self.broker.event_tasks.add(name)
+        else:
+            self.broker.event_tasks.discard(name)
         self.broker.register_task(
             self._task_function(plugin_id, job_name),
             task_name=name,
@@ -430,6 +453,7 @@ class JobScheduler:
         await schedules.remove(self.pool, plugin_id, job_name)
         self.jobs.pop((plugin_id, job_name), None)
         self.broker.local_task_registry.pop(task_name(plugin_id, job_name), None)
+        self.broker.event_tasks.discard(task_name(plugin_id, job_name))
 
     async def list_schedules(self, tenant_id: str, *, count: int = 5) -> list[ScheduleInfo]:
         """The tenant's cron schedules with their next ``count`` fire times and last run."""
@@ -455,6 +479,30 @@ class JobScheduler:
         return await schedules.prune(
             self.pool, set(self.loaded_plugins), delete_unknown=not self.plugin_load_errors
         )
+
+    async def _run_job_event(self, event: JobEvent) -> None:
+        """Run the job's ``on_completed`` or ``on_failed`` with the context of the job's tenant
+        (its config read as for a job run); a failing callback is logged, nothing else."""
+        definition = self.jobs.get((event.plugin_id, event.job_name))
+        if definition is None:
+            return
+        callback = definition.on_completed if event.state == "completed" else definition.on_failed
+        if callback is None:
+            return
+        hook = "on_completed" if event.state == "completed" else "on_failed"
+        try:
+            config = await self.tenant_config(event.tenant_id, event.plugin_id)
+            ctx = self.job_context(event.plugin_id, event.tenant_id, config or {})
+            await callback(ctx, event)
+        except Exception as exc:
+            log.error(
+                "job_event_handler_failed",
+                hook=hook,
+                job_id=event.job_id,
+                plugin_id=event.plugin_id,
+                tenant_id=event.tenant_id,
+                error=redaction.redact(repr(exc)),
+            )
 
     def _task_function(self, plugin_id: str, job_name: str) -> Callable[..., Awaitable[Any]]:
         scheduler = self
@@ -727,10 +775,20 @@ class TenantScheduler:
         job_name: str,
         handler: JobHandler,
         options: JobOptions | Mapping[str, Any] | None = None,
+        *,
+        on_completed: JobEventHandler | None = None,
+        on_failed: JobEventHandler | None = None,
     ) -> None:
-        """Register a job; a cron job is scheduled for this tenant."""
+        """Register a job; a cron job is scheduled for this tenant. ``on_completed`` and
+        ``on_failed``: see :meth:`JobScheduler.register_job`."""
         await self._scheduler.register_job(
-            self._own(plugin_id), job_name, handler, options, tenant_id=self.tenant_id
+            self._own(plugin_id),
+            job_name,
+            handler,
+            options,
+            tenant_id=self.tenant_id,
+            on_completed=on_completed,
+            on_failed=on_failed,
         )
 
     async def remove_job(self, plugin_id: str, job_name: str) -> None:

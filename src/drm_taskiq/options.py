@@ -266,6 +266,22 @@ class JobStatus:
     processed_on: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """How one attempt of a job ended, for the ``on_completed`` / ``on_failed`` callbacks of
+    ``register_job``: sent once the outcome is recorded in Redis."""
+
+    job_id: str
+    plugin_id: str
+    job_name: str
+    tenant_id: str
+    attempt: int  # the attempt that ended, from 1
+    state: Literal["completed", "failed", "retrying"]  # retrying: another attempt is due
+    returnvalue: Any = None  # completed: what the handler returned
+    failed_reason: str | None = None  # failed, retrying: the error (secrets masked)
+    retry_at: datetime | None = None  # retrying: when the next attempt is due
+
+
 @dataclass(slots=True)
 class JobMetadata:
     """What a ``plugin_runs`` row stores in ``result`` for a job run."""

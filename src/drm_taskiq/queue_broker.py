@@ -43,6 +43,7 @@ from drm_taskiq.options import (
     LABEL_PLUGIN,
     LABEL_PRIORITY,
     LABEL_TENANT,
+    JobEvent,
     label_int,
 )
 from drm_taskiq.process import stop_taskiq_supervisor
@@ -65,6 +66,7 @@ R = TypeVar("R")
 ACK_BATCH = 200  # settlements sent in one finish.lua call at most
 ACK_LINGER_S = 0.01  # how long a settlement may wait for the rest of its batch
 CIRCUIT_OPENED = 2  # finish.lua's answer when a failure paused the tenant's plugin
+EVENT_GRACE_S = 5.0  # how long shutdown waits for job event callbacks still running
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -114,6 +116,11 @@ class DrmBroker(ListQueueBroker):
         # Set by JobScheduler: given a job's task name this process has not registered, whether
         # it is registered now (after loading plugins a tenant enabled since the start).
         self.task_appeared: Callable[[str], Awaitable[bool]] | None = None
+        # Set by JobScheduler: the task names registered with on_completed / on_failed, and
+        # what runs their callbacks once an attempt's outcome is recorded (JobEvent).
+        self.event_tasks: set[str] = set()
+        self.on_job_event: Callable[[JobEvent], Awaitable[None]] | None = None
+        self._event_runs: set[asyncio.Task[None]] = set()
         self._acks: Batcher[Settlement, int] = Batcher(
             self._finish_batch,
             max_size=ACK_BATCH,
@@ -179,6 +186,10 @@ class DrmBroker(ListQueueBroker):
         for job_id, delivery in list(self._held.items()):
             if job_id not in self._started:
                 await self._give_back(delivery)
+        if self._event_runs:  # job event callbacks under way (they may use the pools)
+            _, late = await asyncio.wait(self._event_runs, timeout=EVENT_GRACE_S)
+            for run in late:
+                run.cancel()
         self._stop.set()
         for task in self._background:
             if task.get_name() == "drm-ledger":
@@ -418,7 +429,13 @@ class DrmBroker(ListQueueBroker):
         settled = await self._finish_with_retry(delivery, pending)
         if not settled:
             log.warning("job_lease_lost", job_id=delivery.job_id, outcome=pending.outcome)
-        elif settled == CIRCUIT_OPENED:
+            return
+        if pending.event is not None and self.on_job_event is not None:
+            # in a task of its own: the callbacks do not hold up this acknowledgement
+            run = asyncio.ensure_future(self.on_job_event(pending.event))
+            self._event_runs.add(run)
+            run.add_done_callback(self._event_runs.discard)
+        if settled == CIRCUIT_OPENED:
             await self._circuit_opened(delivery.job_id)
 
     async def _registered_since(self, delivery: Delivery) -> bool:

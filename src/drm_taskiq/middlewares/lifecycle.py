@@ -25,7 +25,9 @@ from drm_taskiq.options import (
     LABEL_RUN_TIMEOUT,
     LABEL_TENANT,
     LABEL_TIMEOUT,
+    JobEvent,
     RetryOptions,
+    ms_to_datetime,
     storable_json,
 )
 from drm_taskiq.redaction import redact
@@ -46,6 +48,8 @@ class PendingOutcome:
     value: str = ""
     due_ms: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # for a job registered with on_completed / on_failed: sent once the outcome is recorded
+    event: JobEvent | None = None
 
 
 def _identity(message: TaskiqMessage) -> dict[str, Any]:
@@ -78,6 +82,24 @@ class LifecycleMiddleware(TaskiqMiddleware):
     @property
     def drm_broker(self) -> DrmBroker:
         return self.broker  # type: ignore[return-value]
+
+    def _event(
+        self, message: TaskiqMessage, attempt: int, state: Any, **fields: Any
+    ) -> JobEvent | None:
+        """The attempt's event when its job was registered with ``on_completed`` or
+        ``on_failed`` (for the others nothing is built)."""
+        if message.task_name not in self.drm_broker.event_tasks:
+            return None
+        labels = message.labels
+        return JobEvent(
+            job_id=message.task_id,
+            plugin_id=str(labels.get(LABEL_PLUGIN, "")),
+            job_name=str(labels.get(LABEL_JOB, "")),
+            tenant_id=str(labels.get(LABEL_TENANT, "")),
+            attempt=attempt,
+            state=state,
+            **fields,
+        )
 
     def post_send(self, message: TaskiqMessage) -> None:
         """Log ``job_enqueued`` (not for a duplicate id, which the broker logged)."""
@@ -125,7 +147,13 @@ class LifecycleMiddleware(TaskiqMiddleware):
             )
             broker.set_outcome(
                 message.task_id,
-                PendingOutcome("completed", value=_returnvalue(result.return_value)),
+                PendingOutcome(
+                    "completed",
+                    value=_returnvalue(result.return_value),
+                    event=self._event(
+                        message, attempt, "completed", returnvalue=result.return_value
+                    ),
+                ),
             )
             return
         self._failed(message, result, attempt, duration_ms)
@@ -163,9 +191,16 @@ class LifecycleMiddleware(TaskiqMiddleware):
             job_log.info(
                 "job_retry_scheduled", delay_ms=decision.delay_ms, next_attempt=attempt + 1
             )
+            event = self._event(
+                message, attempt, "retrying", failed_reason=reason, retry_at=ms_to_datetime(due)
+            )
             broker.set_outcome(
-                message.task_id, PendingOutcome("retry", value=reason, due_ms=due, extra=extra)
+                message.task_id,
+                PendingOutcome("retry", value=reason, due_ms=due, extra=extra, event=event),
             )
         else:
             job_log.error("job_failed_permanently", error=reason, attempts_made=attempt)
-            broker.set_outcome(message.task_id, PendingOutcome("failed", value=reason, extra=extra))
+            event = self._event(message, attempt, "failed", failed_reason=reason)
+            broker.set_outcome(
+                message.task_id, PendingOutcome("failed", value=reason, extra=extra, event=event)
+            )
