@@ -266,6 +266,9 @@ class JobStatus:
     processed_on: datetime | None = None
 
 
+EventState = Literal["completed", "failed", "retrying"]
+
+
 @dataclass(frozen=True, slots=True)
 class JobEvent:
     """How one attempt of a job ended, for the ``on_completed`` / ``on_failed`` callbacks of
@@ -276,7 +279,7 @@ class JobEvent:
     job_name: str
     tenant_id: str
     attempt: int  # the attempt that ended, from 1
-    state: Literal["completed", "failed", "retrying"]  # retrying: another attempt is due
+    state: EventState  # retrying: another attempt is due
     returnvalue: Any = None  # completed: what the handler returned
     failed_reason: str | None = None  # failed, retrying: the error (secrets masked)
     retry_at: datetime | None = None  # retrying: when the next attempt is due

@@ -25,6 +25,7 @@ from drm_taskiq.options import (
     LABEL_RUN_TIMEOUT,
     LABEL_TENANT,
     LABEL_TIMEOUT,
+    EventState,
     JobEvent,
     RetryOptions,
     ms_to_datetime,
@@ -84,7 +85,7 @@ class LifecycleMiddleware(TaskiqMiddleware):
         return self.broker  # type: ignore[return-value]
 
     def _event(
-        self, message: TaskiqMessage, attempt: int, state: Any, **fields: Any
+        self, message: TaskiqMessage, attempt: int, state: EventState, **fields: Any
     ) -> JobEvent | None:
         """The attempt's event when its job was registered with ``on_completed`` or
         ``on_failed`` (for the others nothing is built)."""
