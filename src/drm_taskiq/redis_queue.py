@@ -575,7 +575,7 @@ class RedisQueue:
         k = self.keys
         done = await self._scripts["retry"](
             keys=[k.job(job_id), k.wait, k.fair, k.marker],
-            args=[job_id, message, *_flatten(fields)],
+            args=[job_id, message, now_ms(), *_flatten(fields)],
         )
         return bool(done)
 
@@ -671,13 +671,18 @@ class RedisQueue:
             if isinstance(reply, Exception) and reply is not pending:
                 raise reply
         now = now_ms()
-        head_ts = await self.redis.hget(k.job(_text(head[0])), "ts") if head else None
+        # since when the job first in line waits: its creation, or its latest return to the
+        # waiting set (a delay or retry backoff over, a stall, a manual retry, a give-back)
+        since: Any = None
+        if head:
+            ts, ready = await self.redis.hmget(k.job(_text(head[0])), "ts", "ready")
+            since = ready or ts
         return {
             "queue": self.keys.queue,
             "waiting": waiting,
             "delayed": delayed,
             "active": active,
-            "next_waiting_age_ms": max(now - _int(head_ts), 0) if head_ts else None,
+            "next_waiting_age_ms": max(now - _int(since), 0) if since else None,
             "next_delayed_due_in_ms": int(due[0][1]) - now if due else None,
             "running_per_tenant": {
                 _text(tenant): int(n) for tenant, n in running.items() if int(n) > 0

@@ -471,3 +471,21 @@ async def test_queue_stats_show_the_queue_at_a_glance(
     printed = json.loads("\n".join(_cli(settings, "queue")))
     assert printed["ledger"] == {"unwritten": 1, "being_written": 1, "dedicated_writer": True}
     assert (printed["waiting"], printed["active"]) == (1, 1)
+
+
+async def test_the_age_of_the_job_first_in_line_counts_from_its_return_to_waiting(
+    client: JobScheduler, tenant: str
+) -> None:
+    """next_waiting_age_ms measures how long the job first in line has been ready to run: for a
+    job put back after a stall (or a delay over, a retry) from then, not from its creation."""
+    queue = client.broker.queue
+    await queue.enqueue(
+        "s", b"{}", priority=0, delay_ms=0, dedup_ttl_ms=0, fields={"tenant": tenant}
+    )
+    [_], _ = await queue.take("gone:1", 1, 1000)  # a worker that dies with it
+    await asyncio.sleep(1.2)  # the lease runs out
+    [stalled] = await queue.recover_stalled("checker", 3, 100) or []
+    assert stalled.action == "requeued"
+    stats = await client.queue_stats()
+    assert stats["waiting"] == 1
+    assert stats["next_waiting_age_ms"] < 1000  # created over 1.2 s ago, ready again just now

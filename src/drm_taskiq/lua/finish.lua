@@ -54,7 +54,7 @@ local function settle(jk, id, token, outcome, value, due, extra, started)
   freed = true
   if outcome == 'requeue' then
     local p = redis.call('HMGET', jk, 'pri', 'seq')
-    redis.call('HSET', jk, 'state', 'waiting')
+    redis.call('HSET', jk, 'state', 'waiting', 'ready', now)
     redis.call('ZADD', KEYS[2], tonumber(p[1]) * 4294967296 + tonumber(p[2]) % 4294967296, id)
     return 1
   end

@@ -33,7 +33,7 @@ for _, id in ipairs(ids) do
       for _, v in ipairs({id, 'failed', f[1] or '', f[2] or '', attempts}) do out[#out + 1] = v end
     else
       local f = redis.call('HMGET', jk, 'pri', 'seq')
-      redis.call('HSET', jk, 'state', 'waiting')
+      redis.call('HSET', jk, 'state', 'waiting', 'ready', ARGV[1])
       redis.call('ZADD', KEYS[2], tonumber(f[1]) * 4294967296 + tonumber(f[2]) % 4294967296, id)
       redis.call('LPUSH', KEYS[5], '1')
       local g = redis.call('HMGET', jk, 'plugin', 'tenant', 'attempts')

@@ -30,7 +30,7 @@ if #due > 0 then
       local seq = vtime(KEYS[4], f[2] or '')
       promoted[#promoted + 1] = pri * 4294967296 + seq % 4294967296
       promoted[#promoted + 1] = id
-      redis.call('HSET', jk, 'state', 'waiting', 'seq', seq)
+      redis.call('HSET', jk, 'state', 'waiting', 'seq', seq, 'ready', ARGV[1])
       redis.call('HDEL', jk, 'due')
     end
   end
