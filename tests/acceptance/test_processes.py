@@ -54,6 +54,10 @@ def _completed(db: asyncpg.Pool, n: int) -> Any:
     return check
 
 
+async def _count(fetch: Any, n: int) -> bool:
+    return len(await fetch()) >= n
+
+
 def _started(*procs: Proc) -> set[str]:
     return {event["job_id"] for proc in procs for event in proc.events("job_started")}
 
@@ -88,6 +92,15 @@ async def test_worker_process_runs_jobs_added_by_a_client(
     assert status is not None and status.state == "completed" and status.returnvalue == {"n": 7}
     assert Counter(e["job_id"] for e in await fetch_events(db, "echo")) == Counter(ids)
     assert _started(worker) == set(ids)
+    # each job's on_completed callback ran once, in the worker, with the tenant's ctx.db
+
+    async def callbacks() -> list[asyncpg.Record]:
+        return await fetch_events(db, "echo:completed")
+
+    await wait_until(lambda: _count(callbacks, 20), timeout=10, what="20 on_completed callbacks")
+    done = await callbacks()
+    assert Counter(e["job_id"] for e in done) == Counter(ids)
+    assert {(e["tenant_id"], e["attempt"]) for e in done} == {(accept_tenant, 1)}
 
 
 async def test_sigkill_mid_job_every_job_completes_exactly_once(

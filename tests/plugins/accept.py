@@ -3,7 +3,8 @@
 Jobs (registered by ``on_load`` through ``ctx.scheduler``, once per tenant):
 
 - ``sleep``: sleeps ``job.data["s"]`` seconds, then returns ``job.data``.
-- ``echo``: returns ``job.data`` at once.
+- ``echo``: returns ``job.data`` at once; its ``on_completed`` callback records an
+  ``accept_events`` row named ``echo:completed`` (with the event's attempt).
 - ``tick``: returns the job id; a cron job when ``ACCEPT_TICK_CRON`` is set
   (e.g. ``*/2 * * * * *``).
 
@@ -23,6 +24,7 @@ from drm_taskiq import define_plugin
 if TYPE_CHECKING:
     from drm_taskiq.context import PluginContext
     from drm_taskiq.jobs import Job
+    from drm_taskiq.options import JobEvent
 
 PLUGIN_ID: Final = "accept"
 TICK_CRON_ENV: Final = "ACCEPT_TICK_CRON"
@@ -65,6 +67,19 @@ async def echo(ctx: PluginContext, job: Job) -> Any:
     return job.data
 
 
+async def echo_completed(ctx: PluginContext, event: JobEvent) -> None:
+    """``echo``'s on_completed: one ``echo:completed`` row, through the tenant's ``ctx.db``."""
+    await ctx.db.execute(
+        "INSERT INTO accept_events (job_id, job_name, tenant_id, attempt, pid)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        event.job_id,
+        f"{event.job_name}:completed",
+        ctx.tenant_id,
+        event.attempt,
+        os.getpid(),
+    )
+
+
 async def tick(ctx: PluginContext, job: Job) -> str:
     """Return the job id (``cron:{schedule_id}:{slot_ms}`` when fired by the scheduler)."""
     await _record(ctx, job)
@@ -74,7 +89,7 @@ async def tick(ctx: PluginContext, job: Job) -> str:
 async def on_load(ctx: PluginContext) -> None:
     """Register the jobs for ``ctx.tenant_id`` (``accept_events`` comes from the schema)."""
     await ctx.scheduler.register_job(ctx.plugin_id, "sleep", sleep, None)
-    await ctx.scheduler.register_job(ctx.plugin_id, "echo", echo, None)
+    await ctx.scheduler.register_job(ctx.plugin_id, "echo", echo, None, on_completed=echo_completed)
     cron = os.environ.get(TICK_CRON_ENV)
     await ctx.scheduler.register_job(ctx.plugin_id, "tick", tick, {"cron": cron} if cron else None)
 
