@@ -48,6 +48,7 @@ from drm_taskiq.options import (
 )
 from drm_taskiq.process import stop_taskiq_supervisor
 from drm_taskiq.redis_queue import (
+    HEARTBEAT_S,
     Delivery,
     RedisQueue,
     Settlement,
@@ -149,6 +150,7 @@ class DrmBroker(ListQueueBroker):
             self._background = [
                 asyncio.create_task(self._renew_leases(), name="drm-renew-leases"),
                 asyncio.create_task(self._check_stalled(), name="drm-stalled-check"),
+                asyncio.create_task(self._heartbeat(), name="drm-heartbeat"),
             ]
             if self.settings.ledger_in_worker:
                 self.ledger = RunLedger.from_settings(
@@ -186,10 +188,7 @@ class DrmBroker(ListQueueBroker):
         for job_id, delivery in list(self._held.items()):
             if job_id not in self._started:
                 await self._give_back(delivery)
-        if self._event_runs:  # job event callbacks under way (they may use the pools)
-            _, late = await asyncio.wait(self._event_runs, timeout=EVENT_GRACE_S)
-            for run in late:
-                run.cancel()
+        await self._wind_down()
         self._stop.set()
         for task in self._background:
             if task.get_name() == "drm-ledger":
@@ -541,6 +540,34 @@ class DrmBroker(ListQueueBroker):
                 log.warning("job_lease_lost", job_id=job_id, started=False, dropped=True)
                 return
         log.warning("job_lease_lost", job_id=job_id, started=job_id in self._started)
+
+    async def _wind_down(self) -> None:
+        """Job event callbacks still running get EVENT_GRACE_S (they may use the pools); a
+        worker leaves the list of live workers."""
+        if self._event_runs:
+            _, late = await asyncio.wait(self._event_runs, timeout=EVENT_GRACE_S)
+            for run in late:
+                run.cancel()
+        if self.is_worker_process:
+            with contextlib.suppress(RedisError):
+                await self.queue.forget_worker(self.worker_id)
+
+    async def _heartbeat(self) -> None:
+        """Tell Redis every HEARTBEAT_S that this worker is alive, and what it holds
+        (``queue_stats``' ``workers``)."""
+        started = now_ms()
+        state = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": started,
+            "capacity": self.settings.worker_concurrency,
+        }
+        while True:
+            try:
+                await self.queue.heartbeat(self.worker_id, {**state, "running": len(self._held)})
+            except RedisError as exc:
+                log.warning("heartbeat_failed", error=repr(exc))
+            await asyncio.sleep(HEARTBEAT_S)
 
     async def _check_stalled(self) -> None:
         interval = self.settings.stalled_interval_ms / 1000

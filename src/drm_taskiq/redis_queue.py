@@ -204,6 +204,11 @@ class QueueKeys:
         return f"{self.base}:paused"
 
     @property
+    def workers(self) -> str:
+        """Worker heartbeats: worker id -> JSON (host, pid, started, seen, running, capacity)."""
+        return f"{self.base}:workers"
+
+    @property
     def stalled_lock(self) -> str:
         return f"{self.base}:stalled-check"
 
@@ -226,6 +231,12 @@ def _load_scripts(redis: Redis) -> dict[str, AsyncScript]:
             body = fair + body
         scripts[name] = redis.register_script(body)
     return scripts
+
+
+# Workers record that they are alive this often; one not seen for WORKER_GONE_MS is gone (its
+# entry is dropped by the next heartbeat of another worker).
+HEARTBEAT_S = 5.0
+WORKER_GONE_MS = 15_000
 
 
 # Connections a queue keeps per script (``_run_kept``): concurrent producers in one process
@@ -695,7 +706,40 @@ class RedisQueue:
             },
             "dead": dead,
             "paused": paused,
+            "workers": await self.workers(),
         }
+
+    async def heartbeat(self, worker_id: str, state: dict[str, Any]) -> None:
+        """Record that ``worker_id`` is alive (``state``: what :meth:`workers` lists, ``seen``
+        set here) and forget the workers not seen for :data:`WORKER_GONE_MS`."""
+        now = now_ms()
+        raw = await self.redis.hgetall(self.keys.workers)
+        gone = [
+            key
+            for key, value in raw.items()
+            if _text(key) != worker_id and _seen(value) < now - WORKER_GONE_MS
+        ]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.workers, worker_id, json.dumps({**state, "seen": now}))
+            if gone:
+                pipe.hdel(self.keys.workers, *gone)
+            await pipe.execute()
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """A worker stopping cleanly leaves the list at once."""
+        await self.redis.hdel(self.keys.workers, worker_id)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """The workers seen within :data:`WORKER_GONE_MS`, by id: ``id``, ``host``, ``pid``,
+        ``started`` and ``seen`` (ms), ``running`` (jobs it holds), ``capacity``
+        (``WORKER_CONCURRENCY``)."""
+        raw = await self.redis.hgetall(self.keys.workers)
+        alive = now_ms() - WORKER_GONE_MS
+        found = []
+        for key, value in sorted(raw.items()):
+            if _seen(value) >= alive:
+                found.append({"id": _text(key), **json.loads(value)})
+        return found
 
     async def counts(self) -> dict[str, int]:
         """How many jobs are waiting, delayed and active."""
@@ -787,6 +831,14 @@ async def _send(connection: Connection, command: list[bytes]) -> None:
 # redis-py before 5.3 wants a command name in ConnectionPool.get_connection (later: deprecated)
 _NAME = inspect.signature(ConnectionPool.get_connection).parameters.get("command_name")
 _GET_CONNECTION_ARGS = ("EVALSHA",) if _NAME is not None and _NAME.default is _NAME.empty else ()
+
+
+def _seen(value: Any) -> int:
+    """A heartbeat's ``seen`` time (0 when it cannot be read)."""
+    try:
+        return int(json.loads(value)["seen"])
+    except (ValueError, KeyError, TypeError):
+        return 0
 
 
 def _flatten(fields: dict[str, str]) -> list[str]:

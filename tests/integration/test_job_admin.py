@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -439,6 +440,7 @@ async def test_queue_stats_show_the_queue_at_a_glance(
         "ledger": {"unwritten": 0, "being_written": 0, "dedicated_writer": False},
         "dead": 0,
         "paused": 0,
+        "workers": [],
     }
 
     async def enqueue(job_id: str, delay_ms: int = 0) -> None:
@@ -489,3 +491,27 @@ async def test_the_age_of_the_job_first_in_line_counts_from_its_return_to_waitin
     stats = await client.queue_stats()
     assert stats["waiting"] == 1
     assert stats["next_waiting_age_ms"] < 1000  # created over 1.2 s ago, ready again just now
+
+
+async def test_live_workers_are_listed_and_gone_ones_forgotten(
+    client: JobScheduler, start_worker: Any, redis_client: Any, settings: Settings
+) -> None:
+    """A worker records itself every few seconds (host, pid, start, jobs held, capacity):
+    queue_stats lists it while it runs and not once it stopped; an entry not renewed for
+    WORKER_GONE_MS is not listed, and a live worker's next heartbeat deletes it."""
+    key = client.broker.queue.keys.workers
+    old = json.dumps({"host": "h", "pid": 1, "started": 0, "capacity": 1, "running": 0, "seen": 1})
+    await redis_client.hset(key, "dead-worker", old)
+    assert (await client.queue_stats())["workers"] == []
+    handle = await start_worker(None, worker_concurrency=7)
+
+    async def listed() -> list[dict[str, Any]]:
+        return list((await client.queue_stats())["workers"])
+
+    [worker] = await wait_for(listed, timeout=10)
+    assert worker["id"] == handle.broker.worker_id
+    assert (worker["pid"], worker["capacity"], worker["running"]) == (os.getpid(), 7, 0)
+    assert worker["started"] <= worker["seen"] <= now_ms()
+    assert await redis_client.hexists(key, "dead-worker") == 0  # dropped by the heartbeat
+    await handle.stop()
+    assert await listed() == []
