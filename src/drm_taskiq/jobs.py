@@ -484,12 +484,10 @@ class JobScheduler:
         """Run the job's ``on_completed`` or ``on_failed`` with the context of the job's tenant
         (its config read as for a job run); a failing callback is logged, nothing else."""
         definition = self.jobs.get((event.plugin_id, event.job_name))
-        if definition is None:
-            return
-        callback = definition.on_completed if event.state == "completed" else definition.on_failed
+        hook = "on_completed" if event.state == "completed" else "on_failed"
+        callback = getattr(definition, hook, None)
         if callback is None:
             return
-        hook = "on_completed" if event.state == "completed" else "on_failed"
         try:
             config = await self.tenant_config(event.tenant_id, event.plugin_id)
             ctx = self.job_context(event.plugin_id, event.tenant_id, config or {})
@@ -679,12 +677,13 @@ class JobScheduler:
 
     async def queue_stats(self) -> dict[str, Any]:
         """The queue at a glance (``drm-taskiq queue``): ``waiting``, ``delayed`` and ``active``
-        jobs; ``next_waiting_age_ms``, how long the job first in line has waited (None when
-        none waits); ``next_delayed_due_in_ms`` (negative when it is overdue: every worker is
-        busy); ``running_per_tenant``; ``ledger``: ``unwritten`` entries (settled attempts not
-        yet in ``plugin_runs``), ``being_written`` (read by a writer, not committed yet),
-        ``dedicated_writer`` (a scheduler or ``drm-taskiq ledger`` writes); ``dead`` letters;
-        ``paused`` (tenant, plugin) pairs. Raises ``RedisError`` when Redis is unreachable."""
+        jobs; ``next_waiting_age_ms``, how long the job first in line has been ready to run
+        (None when none waits); ``next_delayed_due_in_ms`` (negative when it is overdue: every
+        worker is busy); ``running_per_tenant``; ``ledger``: ``unwritten`` entries (settled
+        attempts not yet in ``plugin_runs``), ``being_written`` (read by a writer, not committed
+        yet), ``dedicated_writer`` (a scheduler or ``drm-taskiq ledger`` writes); ``dead``
+        letters; ``paused`` (tenant, plugin) pairs; ``workers``, the live worker processes.
+        Raises ``RedisError`` when Redis is unreachable."""
         return await self.broker.queue.stats()
 
     async def list_dead(self, *, limit: int = 100) -> list[dict[str, str]]:

@@ -657,10 +657,11 @@ class RedisQueue:
     async def stats(self) -> dict[str, Any]:
         """The queue at a glance, for operators and health checks (one round trip, plus one
         for the age of the job first in line): jobs waiting, delayed and leased; how long the
-        job first in line (the next one a worker takes) has waited; when the next delayed job
-        is due; jobs running per tenant; the run ledger's entries not yet written to PostgreSQL
-        and how many of them a writer has read; whether a dedicated ledger writer runs; dead
-        letters; (tenant, plugin) pairs paused by the circuit breaker."""
+        job first in line (the next one a worker takes) has been ready to run; when the next
+        delayed job is due; jobs running per tenant; the run ledger's entries not yet written
+        to PostgreSQL and how many of them a writer has read; whether a dedicated ledger writer
+        runs; dead letters; (tenant, plugin) pairs paused by the circuit breaker; the live
+        workers (:meth:`workers`)."""
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(k.wait)
@@ -674,10 +675,10 @@ class RedisQueue:
             pipe.exists(k.ledger_writer)
             pipe.llen(k.dead)
             pipe.scard(k.paused)
+            pipe.hgetall(k.workers)
             replies = await pipe.execute(raise_on_error=False)
-        waiting, delayed, active, head, due, running, entries, pending, writer, dead, paused = (
-            replies
-        )
+        (waiting, delayed, active, head, due, running, entries, pending, writer, dead, paused,
+         workers) = replies  # fmt: skip
         for reply in replies:
             if isinstance(reply, Exception) and reply is not pending:
                 raise reply
@@ -706,7 +707,7 @@ class RedisQueue:
             },
             "dead": dead,
             "paused": paused,
-            "workers": await self.workers(),
+            "workers": _live_workers(workers, now),
         }
 
     async def heartbeat(self, worker_id: str, state: dict[str, Any]) -> None:
@@ -733,13 +734,7 @@ class RedisQueue:
         """The workers seen within :data:`WORKER_GONE_MS`, by id: ``id``, ``host``, ``pid``,
         ``started`` and ``seen`` (ms), ``running`` (jobs it holds), ``capacity``
         (``WORKER_CONCURRENCY``)."""
-        raw = await self.redis.hgetall(self.keys.workers)
-        alive = now_ms() - WORKER_GONE_MS
-        found = []
-        for key, value in sorted(raw.items()):
-            if _seen(value) >= alive:
-                found.append({"id": _text(key), **json.loads(value)})
-        return found
+        return _live_workers(await self.redis.hgetall(self.keys.workers), now_ms())
 
     async def counts(self) -> dict[str, int]:
         """How many jobs are waiting, delayed and active."""
@@ -839,6 +834,15 @@ def _seen(value: Any) -> int:
         return int(json.loads(value)["seen"])
     except (ValueError, KeyError, TypeError):
         return 0
+
+
+def _live_workers(raw: dict[Any, Any], now: int) -> list[dict[str, Any]]:
+    """The heartbeats of ``raw`` (the workers hash) seen within WORKER_GONE_MS, by id."""
+    return [
+        {"id": _text(key), **json.loads(value)}
+        for key, value in sorted(raw.items())
+        if _seen(value) >= now - WORKER_GONE_MS
+    ]
 
 
 def _flatten(fields: dict[str, str]) -> list[str]:
